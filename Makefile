@@ -1,0 +1,28 @@
+# Set-up and test commands named in the README; .ci/run calls `make install` and `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install test test-slow test-all quickstart clean
+
+install: $(BIN)/.installed
+
+$(BIN)/.installed: constraints.txt pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt -e ".[hub,sweep,dev]"
+	touch $@
+
+# Default suite (fast) plus a representative few slow end-to-end tests.
+test: install
+	$(BIN)/python -m pytest -q -x tests
+	$(BIN)/python -m pytest -q -m "slow and ci" tests
+
+test-slow: install
+	$(BIN)/python -m pytest -q -m slow tests
+
+quickstart: install
+	$(BIN)/python train.py experiment=quickstart method=magnitude budget=0.9
+
+clean:
+	rm -rf $(VENV) .pytest_cache
