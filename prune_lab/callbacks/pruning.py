@@ -1,0 +1,111 @@
+"""The mask-update capability: compute masks at scheduled steps and keep pruned entries at zero.
+
+One callback serves one-shot and gradual, unstructured (`target: params`) and structured
+(`target: flops`) methods; what differs is given as objects: an `Importance`, a distribution
+name, a schedule. Masks live in the module's `MaskSet` (`pl_module.masks`), so every other
+callback sees them and checkpoints carry them.
+"""
+from __future__ import annotations
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from prune_lab.errors import PruneLabError
+from prune_lab.sparsity import (ChannelGroups, FlopsModel, OneShot, build_importance, masks_from_scores,
+                                solve_flops_target)
+from prune_lab.sparsity.allocation import DISTRIBUTIONS
+
+
+class MaskUpdate(L.Callback):
+    """Prune to `budget` following `schedule`; enforce masks on weights and gradients every step.
+
+    Args:
+        budget: fraction of the target removed at the end of the schedule.
+        target: "params" (unstructured weight sparsity) or "flops" (structured channel pruning).
+        importance: criterion name or `Importance` object.
+        distribution: unstructured: uniform | erk | global; structured: uniform | global.
+        schedule: `OneShot()` (default) or `Cubic(...)`.
+        round_to: structured only: kept channels rounded to a multiple (hardware friendly).
+        tolerance: structured only: allowed |achieved − budget| of the FLOPs reduction.
+    """
+
+    def __init__(self, budget: float, target: str = "params", importance="magnitude", distribution: str = "uniform",
+                 schedule=None, round_to: int = 1, tolerance: float = 0.02):
+        if target not in ("params", "flops"):
+            raise PruneLabError(f"unknown target '{target}'; choose one of: params, flops")
+        allowed = DISTRIBUTIONS if target == "params" else ("uniform", "global")
+        if distribution not in allowed:
+            raise PruneLabError(f"distribution '{distribution}' is not available for target={target}; "
+                                f"choose one of: {', '.join(allowed)}")
+        self.budget, self.target, self.distribution = float(budget), target, distribution
+        self.importance = build_importance(importance)
+        self.schedule = schedule or OneShot()
+        self.round_to, self.tolerance = round_to, tolerance
+        self.last_update_step = -1
+
+    @property
+    def structured(self) -> bool:
+        return self.target == "flops"
+
+    # -- Lightning hooks ----------------------------------------------------------------
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        step, total = trainer.global_step, max(int(trainer.estimated_stepping_batches), 1)
+        if step != self.last_update_step and self.schedule.is_update(step, total):
+            self.update(pl_module, batch, self.budget * self.schedule.fraction(step, total))
+            self.last_update_step = step
+            for opt in trainer.optimizers:
+                pl_module.masks.mask_optimizer_state(opt)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        pl_module.masks.mask_grads()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        pl_module.masks.apply()
+
+    def state_dict(self):
+        return {"last_update_step": self.last_update_step}
+
+    def load_state_dict(self, state):
+        self.last_update_step = int(state["last_update_step"])
+
+    # -- the update itself ----------------------------------------------------------------
+    def update(self, pl_module, batch, sparsity: float) -> None:
+        """Recompute masks for `sparsity` (a fraction of the target) and apply them now."""
+        model, masks = pl_module.model, pl_module.masks
+        if self.importance.needs_grad:
+            self._fill_grads(pl_module, batch)
+        if self.structured:
+            self._update_channels(pl_module, sparsity)
+        else:
+            params = {n: p for n, p in model.named_parameters() if n in masks.prunable}
+            scores = self.importance.weight_scores(params)
+            # pruned weights stay pruned: their score is below every live weight
+            scores = {n: torch.where(masks[n], s, torch.full_like(s, -1.0)) for n, s in scores.items()}
+            for n, keep in masks_from_scores(scores, sparsity, self.distribution).items():
+                masks.set(n, keep)
+        if self.importance.needs_grad:
+            model.zero_grad(set_to_none=True)
+        masks.apply()
+
+    def _update_channels(self, pl_module, sparsity: float) -> None:
+        model, masks = pl_module.model, pl_module.masks
+        example = pl_module.example_input.to(pl_module.device)
+        groups = ChannelGroups(model, example, ignored=[pl_module.classifier])
+        if len(groups) == 0:
+            raise PruneLabError(f"model {type(model).__name__} has no prunable channel groups; "
+                                "use an unstructured method (target: params)")
+        flops = FlopsModel(groups, example)
+        scores = groups.scores(self.importance.channel_scorer())
+        plan = solve_flops_target(groups, flops, scores, sparsity, self.distribution, self.round_to, self.tolerance)
+        masks.reset()
+        for n, keep in groups.param_masks(plan).items():
+            masks.set(n, keep)
+        masks.set_channel_plan(plan)
+
+    @staticmethod
+    def _fill_grads(pl_module, batch) -> None:
+        x, y = batch
+        pl_module.model.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            F.cross_entropy(pl_module.model(x), y).backward()

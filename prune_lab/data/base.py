@@ -1,0 +1,162 @@
+"""Base class shared by every image-classification data module in prune_lab."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from prune_lab.errors import PruneLabError
+
+
+class TensorImageDataset(Dataset):
+    """Images already held in memory as one float32 tensor (N, C, H, W) plus labels.
+
+    Labels come back as plain ``int`` so every data module yields the same
+    ``(float32 image, int label)`` pairs, whatever its storage.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images = images.float().contiguous()
+        self.labels = labels.long()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.images[i], int(self.labels[i])
+
+
+class TransformSubset(Dataset):
+    """A subset of a dataset of PIL images, with its own transform.
+
+    Lets train and validation share one loaded copy of a training file while
+    using different transforms (augmentation for train, none for val).
+    """
+
+    def __init__(self, base: Dataset, indices: Sequence[int], transform: Optional[Callable]) -> None:
+        self.base = base
+        self.indices = [int(i) for i in indices]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        image, label = self.base[self.indices[i]]
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(label)
+
+
+class ClassificationDataModule(L.LightningDataModule):
+    """Train/val/test image classification data for one dataset.
+
+    Subclasses set ``name``, ``num_classes``, ``channels`` and ``image_size``
+    (square images) in ``__init__`` so models can be built before ``setup``,
+    and fill ``train_set``/``val_set``/``test_set`` in ``setup``.
+
+    Shuffling goes through a ``DistributedSampler`` even on one device: its
+    order depends only on ``(seed, epoch)``, so a run resumed from a checkpoint
+    sees the same batches as an uninterrupted one. The trainer must be built
+    with ``use_distributed_sampler=False`` so Lightning keeps this sampler
+    (it still calls ``set_epoch`` on it every epoch).
+    """
+
+    name: str = "base"
+    num_classes: int = 0
+    channels: int = 0
+    image_size: int = 0
+
+    def __init__(
+        self,
+        batch_size: int = 128,
+        eval_batch_size: Optional[int] = None,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if int(batch_size) < 1:
+            raise PruneLabError(f"data.batch_size={batch_size} must be a positive integer")
+        if eval_batch_size is not None and int(eval_batch_size) < 1:
+            raise PruneLabError(f"data.eval_batch_size={eval_batch_size} must be a positive integer or null")
+        if int(num_workers) < 0:
+            raise PruneLabError(f"data.num_workers={num_workers} must be >= 0")
+        self.batch_size = int(batch_size)
+        self.eval_batch_size = int(eval_batch_size) if eval_batch_size is not None else None
+        self.num_workers = int(num_workers)
+        self.seed = int(seed)
+        self.train_set: Optional[Dataset] = None
+        self.val_set: Optional[Dataset] = None
+        self.test_set: Optional[Dataset] = None
+
+    # ------------------------------------------------------------------ API
+
+    def example_input(self, batch_size: int = 1) -> torch.Tensor:
+        """A zero batch shaped like the model input (for tracing, FLOP counts)."""
+        return torch.zeros(batch_size, self.channels, self.image_size, self.image_size)
+
+    def check(self) -> None:
+        """Raise PruneLabError (one line) if the data is not available.
+
+        Called by the pipeline before any training, so a missing dataset is
+        reported in seconds rather than after the model has been built.
+        """
+
+    def setup(self, stage: Optional[str] = None) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # ---------------------------------------------------------- dataloaders
+
+    def _world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 1, 0
+        return int(trainer.world_size), int(trainer.global_rank)
+
+    def _require(self, dataset: Optional[Dataset], split: str) -> Dataset:
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}.{split}_set is not built: call setup() first")
+        return dataset
+
+    def _loader_kwargs(self) -> dict:
+        return dict(
+            num_workers=self.num_workers,
+            # Re-spawning workers every epoch costs seconds on big datasets.
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = self._require(self.train_set, "train")
+        world_size, rank = self._world()
+        sampler = DistributedSampler(
+            dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=self.seed, drop_last=False
+        )
+        # A final batch of one sample crashes BatchNorm in training mode
+        # ("Expected more than 1 value per channel"); drop it only then.
+        drop_last = len(sampler) > self.batch_size and len(sampler) % self.batch_size == 1
+        return DataLoader(
+            dataset, batch_size=self.batch_size, sampler=sampler, drop_last=drop_last, **self._loader_kwargs()
+        )
+
+    def _eval_loader(self, dataset: Dataset) -> DataLoader:
+        return DataLoader(
+            dataset, batch_size=self.eval_batch_size or self.batch_size, shuffle=False, **self._loader_kwargs()
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader(self._require(self.val_set, "val"))
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader(self._require(self.test_set, "test"))
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(name={self.name!r}, num_classes={self.num_classes}, "
+            f"channels={self.channels}, image_size={self.image_size}, batch_size={self.batch_size})"
+        )

@@ -1,0 +1,101 @@
+"""PruneLabModule: the LightningModule every method trains.
+
+It owns the model, its `MaskSet` and a teacher slot; callbacks add to its behaviour (pruning,
+regrowth, distillation) instead of subclassing it. Extra loss terms from callbacks are
+registered in `loss_terms` as callables `(module, batch, logits) -> tensor`.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Callable
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from prune_lab.models import classifier_of
+from prune_lab.sparsity import MaskSet
+
+
+def _accuracy(num_classes: int, k: int) -> MulticlassAccuracy:
+    return MulticlassAccuracy(num_classes=num_classes, top_k=min(k, num_classes), average="micro")
+
+
+def make_scheduler(factory: Callable, optimizer, total_steps: int):
+    """Call a partial LR-scheduler factory, supplying the run length where it asks for one."""
+    if factory is None:
+        return None
+    func = getattr(factory, "func", factory)
+    given = getattr(factory, "keywords", {})
+    params = inspect.signature(func).parameters
+    extra = {k: total_steps for k in ("T_max", "total_steps", "total_iters") if k in params and k not in given}
+    return factory(optimizer, **extra)
+
+
+class PruneLabModule(L.LightningModule):
+    def __init__(self, model: nn.Module, num_classes: int, example_input: torch.Tensor,
+                 optimizer: Callable, scheduler: Callable | None = None, label_smoothing: float = 0.0):
+        super().__init__()
+        self.model = model
+        self.masks = MaskSet(model)
+        self.register_buffer("example_input", example_input[:1].clone(), persistent=False)
+        self.classifier_name, self.classifier = classifier_of(model)
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.label_smoothing = label_smoothing
+        self.loss_terms: list[Callable] = []
+        self._teacher: list[nn.Module] = []  # a list keeps the teacher out of state_dict and .parameters()
+        self.metrics = nn.ModuleDict({f"{stage}_{k}": _accuracy(num_classes, k)
+                                      for stage in ("val", "test") for k in (1, 5)})
+
+    # teacher slot: a frozen model that distillation callbacks compare against
+    @property
+    def teacher(self) -> nn.Module | None:
+        return self._teacher[0] if self._teacher else None
+
+    @teacher.setter
+    def teacher(self, model: nn.Module | None) -> None:
+        self._teacher = [] if model is None else [model.requires_grad_(False)]
+
+    def forward(self, x):
+        return self.model(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        self.log("train/ce", loss, on_step=False, on_epoch=True)
+        for term in self.loss_terms:
+            loss = loss + term(self, batch, logits)
+        self.log("train/loss", loss, prog_bar=True, on_step=False, on_epoch=True)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=False, on_epoch=True)
+        return loss
+
+    def _eval_step(self, batch, stage):
+        x, y = batch
+        logits = self(x)
+        self.log(f"{stage}/loss", F.cross_entropy(logits, y), on_epoch=True, sync_dist=True)
+        for k in (1, 5):
+            metric = self.metrics[f"{stage}_{k}"]
+            metric.update(logits, y)
+            self.log(f"{stage}/top{k}", metric, on_epoch=True, prog_bar=(k == 1))
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch, "test")
+
+    def on_train_epoch_end(self):
+        self.log("sparsity", self.masks.sparsity(), on_epoch=True)
+
+    def on_load_checkpoint(self, checkpoint):
+        self.masks.bind(self.model)
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(params=self.model.parameters())
+        scheduler = make_scheduler(self.scheduler_factory, optimizer, int(self.trainer.estimated_stepping_batches))
+        if scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,222 @@
+"""run(cfg): validate → dense reference → fit → test → export → report. Nothing else lives here."""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from hydra.errors import InstantiationException
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file, save_file
+
+from prune_lab import export, report
+from prune_lab.errors import PruneLabError
+from prune_lab.module import PruneLabModule
+from prune_lab.sparsity import ChannelGroups, latency_ms
+
+log = logging.getLogger("prune_lab")
+
+
+def build(node, **kwargs):
+    """hydra.utils.instantiate, but a PruneLabError raised inside reaches the user unwrapped."""
+    try:
+        return hydra.utils.instantiate(node, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__
+        while cause is not None and not isinstance(cause, PruneLabError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise PruneLabError(str(e).splitlines()[0]) from e
+
+
+# -- validation: everything here runs before anything is written ----------------------------
+def validate(cfg: DictConfig) -> None:
+    b = cfg.budget
+    if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0.0 <= float(b) < 1.0:
+        raise PruneLabError(f"budget={b} is outside [0, 1): it is the fraction of the method's target removed")
+    if cfg.method.target not in ("params", "flops"):
+        raise PruneLabError(f"method.target={cfg.method.target} is not one of: params, flops")
+    if cfg.ckpt_path is not None:
+        check_checkpoint(Path(cfg.ckpt_path))
+
+
+def check_checkpoint(path: Path) -> None:
+    if not path.is_file():
+        raise PruneLabError(f"ckpt_path={path} does not exist; pass a run's checkpoints/last.ckpt")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise PruneLabError(f"ckpt_path={path} is not a readable checkpoint ({type(e).__name__}); "
+                            "pass a run's checkpoints/last.ckpt") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise PruneLabError(f"ckpt_path={path} is not a prune_lab checkpoint (no state_dict)")
+
+
+def check_structured(cfg, model, example) -> None:
+    if cfg.method.target != "flops":
+        return
+    from prune_lab.models import classifier_of
+
+    groups = ChannelGroups(model, example, ignored=[classifier_of(model)[1]])
+    if len(groups) == 0:
+        raise PruneLabError(f"method {cfg.method.name} prunes channels, but model {cfg.model.name} has no "
+                            "prunable channel groups; use an unstructured method (magnitude, gmp, random)")
+
+
+# -- the dense reference ----------------------------------------------------------------
+def dense_key(cfg: DictConfig) -> str:
+    """Identifies a dense model: architecture, data, recipe and seed (not paths or workers)."""
+    skip = {"root", "num_workers", "eval_batch_size", "download"}
+    data = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k not in skip}
+    model = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "weights"}
+    module = OmegaConf.to_container(cfg.module, resolve=True)
+    module["optimizer"]["lr"] = cfg.dense.lr
+    blob = json.dumps({"v": 1, "model": model, "data": data, "dense": OmegaConf.to_container(cfg.dense, resolve=True),
+                       "module": module, "seed": cfg.seed, "precision": str(cfg.trainer.get("precision"))},
+                      sort_keys=True)
+    return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+def dense_reference(cfg: DictConfig, dm, model: torch.nn.Module, example: torch.Tensor) -> dict:
+    """The dense model every run is compared with: {state_dict, top1, top5, params, flops}.
+
+    With `model.weights` a file or hub name, it is that model, evaluated here. Otherwise it is
+    trained once with the `dense` recipe and cached under `paths.dense_dir/<model>_<data>_<key>`.
+    """
+    weights = cfg.model.get("weights")
+    if weights not in (None, "auto"):
+        metrics = _evaluate(cfg, dm, model, example)
+        return {"state_dict": copy.deepcopy(model.state_dict()), "source": str(weights), **metrics}
+    cache = Path(cfg.paths.dense_dir) / f"{cfg.model.name}_{dm.name}_{dense_key(cfg)}"
+    if (cache / "dense.json").is_file():
+        log.info("dense reference: cached %s", cache)
+        meta = json.loads((cache / "dense.json").read_text())
+        return {"state_dict": load_file(str(cache / "model.safetensors")), **meta}
+    log.info("dense reference: training %s on %s for %d epochs (cached for later runs)",
+             cfg.model.name, dm.name, cfg.dense.epochs)
+    L.seed_everything(cfg.seed, workers=True)
+    dense_model = copy.deepcopy(model)
+    optimizer = build(cfg.module.optimizer, lr=cfg.dense.lr)
+    module = PruneLabModule(dense_model, dm.num_classes, example, optimizer, build(cfg.module.scheduler),
+                            cfg.module.get("label_smoothing", 0.0))
+    tmp = cache.with_name(f".{cache.name}.tmp{os.getpid()}")
+    trainer = build(cfg.trainer, max_epochs=cfg.dense.epochs, logger=False, enable_checkpointing=False,
+                    callbacks=[build({"_target_": "lightning.pytorch.callbacks.RichProgressBar", "leave": False})],
+                    default_root_dir=str(tmp))
+    t0 = time.time()
+    trainer.fit(module, datamodule=dm)
+    metrics = _test(trainer, module, dm)
+    metrics.update(report.model_costs(dense_model.cpu(), example.cpu()))
+    metrics.update({"train_wall_s": time.time() - t0, "key": cache.name})
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in dense_model.state_dict().items()},
+              str(tmp / "model.safetensors"))
+    (tmp / "dense.json").write_text(json.dumps(metrics, indent=2))
+    try:
+        os.replace(tmp, cache)  # atomic: concurrent sweep jobs never see a half-written cache
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)  # another job finished first; its copy is equivalent
+    return {"state_dict": dense_model.state_dict(), **metrics}
+
+
+def _test(trainer, module, dm) -> dict:
+    out = trainer.test(module, datamodule=dm, verbose=False)[0]
+    return {"top1": float(out["test/top1"]), "top5": float(out["test/top5"])}
+
+
+def _evaluate(cfg, dm, model, example) -> dict:
+    module = PruneLabModule(model, dm.num_classes, example, build(cfg.module.optimizer))
+    trainer = build(cfg.trainer, logger=False, enable_checkpointing=False, callbacks=[],
+                    enable_progress_bar=False)
+    return {**_test(trainer, module, dm), **report.model_costs(copy.deepcopy(model).cpu(), example.cpu())}
+
+
+# -- the run ----------------------------------------------------------------------------
+def run(cfg: DictConfig) -> dict:
+    t_start = time.time()
+    validate(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    dm = build(cfg.data)
+    dm.check()
+    weights = cfg.model.get("weights")
+    model = build(cfg.model, num_classes=dm.num_classes, in_channels=dm.channels,
+                  weights=None if weights == "auto" else weights)
+    example = dm.example_input(1)
+    check_structured(cfg, model, example)
+    callbacks = [build(c) for c in cfg.method.get("callbacks", {}).values()]
+    run_callbacks = [build(c) for c in cfg.get("callbacks", {}).values()]
+    loggers = [build(c) for c in cfg.get("logger", {}).values()] if cfg.get("logger") else []
+    # ---- inputs are valid: from here on the run writes ----
+    out_dir = Path(cfg.paths.output_dir)
+    dense = dense_reference(cfg, dm, model, example)
+    if cfg.method.needs_dense or weights == "auto":
+        model.load_state_dict(dense["state_dict"])
+    dense_model = copy.deepcopy(model).cpu().eval()
+    dense_model.load_state_dict(dense["state_dict"])
+
+    L.seed_everything(cfg.seed, workers=True)
+    module = PruneLabModule(model, dm.num_classes, example, build(cfg.module.optimizer), build(cfg.module.scheduler),
+                            cfg.module.get("label_smoothing", 0.0))
+    trainer = build(cfg.trainer, callbacks=callbacks + run_callbacks, logger=loggers or False)
+    t_fit = time.time()
+    if cfg.method.get("train", True):
+        trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path, weights_only=True)
+    wall = time.time() - t_fit
+    pruned_metrics = _test(trainer, module, dm)
+    if not cfg.method.get("train", True):
+        trainer.save_checkpoint(out_dir / "checkpoints" / "last.ckpt")
+    if not trainer.is_global_zero:
+        return {}
+
+    final = export.deployable(module.model, module.masks, example)
+    with torch.no_grad():
+        masked = copy.deepcopy(module.model).cpu().eval()
+        x = torch.randn(4, *example.shape[1:], generator=torch.Generator().manual_seed(0))
+        export_diff = float((masked(x) - final(x)).abs().max())
+    plan = {k: v.cpu() for k, v in module.masks.channel_plan.items()}
+    export.save_model(out_dir, final, model.prune_lab_spec, plan, example.cpu())
+
+    dense_costs = {"params": dense["params"], "flops": dense["flops"]}
+    pruned = {**pruned_metrics, **report.pruned_costs(dense_model, final, example.cpu(), dense_costs)}
+    achieved = pruned["sparsity"] if cfg.method.target == "params" else pruned["flops_reduction"]
+    tol = 0.005 if cfg.method.target == "params" else 0.02
+    if cfg.method.name != "dense" and abs(achieved - cfg.budget) > tol:
+        log.warning("achieved %s reduction %.4f is outside ±%.3f of budget %.3f", cfg.method.target, achieved,
+                    tol, cfg.budget)
+    lat_cfg = cfg.latency
+    dense_ms = latency_ms(dense_model, example.cpu(), lat_cfg.batch_size, lat_cfg.warmup, lat_cfg.repeats)
+    pruned_ms = latency_ms(final, example.cpu(), lat_cfg.batch_size, lat_cfg.warmup, lat_cfg.repeats)
+    layers = report.layer_table(dense_model, final)
+    results = {
+        "schema": report.SCHEMA, "method": cfg.method.name, "budget": float(cfg.budget),
+        "target": cfg.method.target, "model": cfg.model.name, "data": dm.name, "seed": int(cfg.seed),
+        "tags": list(cfg.get("tags") or []),
+        "dense": {k: dense[k] for k in ("top1", "top5", "params", "flops")},
+        "pruned": pruned,
+        "budget_met": cfg.method.name == "dense" or abs(achieved - cfg.budget) <= tol,
+        "latency": {"device": "cpu", "batch_size": lat_cfg.batch_size, "dense_ms": dense_ms,
+                    "pruned_ms": pruned_ms, "speedup": dense_ms / pruned_ms},
+        "layers": layers,
+        "train": {"epochs": int(trainer.current_epoch), "steps": int(trainer.global_step), "wall_s": wall,
+                  "world_size": int(trainer.world_size), "total_wall_s": time.time() - t_start},
+        "export": {"max_abs_diff_masked_vs_deployed": export_diff},
+        "env": {"git_sha": report.git_sha(Path(cfg.paths.root_dir)), "torch": torch.__version__,
+                "lightning": L.__version__,
+                "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"},
+    }
+    report.plot_layers(layers, out_dir / "layers.png",
+                       f"{cfg.method.name} {cfg.model.name}/{dm.name} budget={cfg.budget} ({cfg.method.target})")
+    report.write_json_atomic(out_dir / "results.json", results)
+    log.info("top-1 %.4f (dense %.4f) | %s reduction %.3f | params %d→%d nonzero | FLOPs %d→%d | %s",
+             pruned["top1"], dense["top1"], cfg.method.target, achieved, dense["params"], pruned["nonzero_params"],
+             dense["flops"], pruned["flops"], out_dir)
+    return results

@@ -1,0 +1,93 @@
+"""The run's record: results.json (schema 1, DESIGN.md §4) and layers.png."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from prune_lab.sparsity import count_flops, count_nonzero, count_params, prunable_weights, sparse_flops
+
+SCHEMA = 1
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write then rename: a reader never sees half a file, and a crash leaves the old one intact."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def model_costs(model: nn.Module, example_input: torch.Tensor) -> dict:
+    return {"params": count_params(model), "flops": count_flops(model, example_input)}
+
+
+def pruned_costs(dense: nn.Module, pruned: nn.Module, example_input: torch.Tensor, dense_costs: dict) -> dict:
+    """Sizes of the deployed model and reductions against the dense one.
+
+    `flops` counts the deployed model with dense kernels; `sparse_flops` skips zero weights (what a
+    sparse kernel would execute); reductions and the theoretical speed-up use `sparse_flops`, so
+    unstructured and structured methods are compared on one axis.
+    """
+    nonzero = count_nonzero(pruned)
+    dense_prunable = sum(p.numel() for p in prunable_weights(dense).values())
+    nonzero_prunable = sum(int(p.count_nonzero()) for p in prunable_weights(pruned).values())
+    flops = count_flops(pruned, example_input)
+    sflops = sparse_flops(pruned, example_input)
+    return {
+        "params": count_params(pruned),
+        "nonzero_params": nonzero,
+        "flops": flops,
+        "sparse_flops": sflops,
+        "sparsity": 1.0 - nonzero_prunable / dense_prunable,
+        "params_reduction": 1.0 - nonzero / dense_costs["params"],
+        "flops_reduction": 1.0 - sflops / dense_costs["flops"],
+        "compression_ratio": dense_costs["params"] / max(nonzero, 1),
+        "theoretical_speedup": dense_costs["flops"] / max(sflops, 1),
+    }
+
+
+def layer_table(dense: nn.Module, pruned: nn.Module) -> list[dict]:
+    """Per prunable layer: deployed shape, dense shape and density relative to the dense layer."""
+    dense_w = prunable_weights(dense)
+    rows = []
+    for name, w in prunable_weights(pruned).items():
+        d = dense_w.get(name, w)
+        rows.append({"name": name.removesuffix(".weight"), "shape": list(w.shape), "dense_shape": list(d.shape),
+                     "density": int(w.count_nonzero()) / d.numel()})
+    return rows
+
+
+def git_sha(root: Path) -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def plot_layers(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6, 0.28 * len(rows) + 2), 4))
+    names = [r["name"] for r in rows]
+    ax.bar(range(len(rows)), [r["density"] for r in rows], color="tab:blue", label="density (nonzero / dense size)")
+    structured = any(r["shape"] != r["dense_shape"] for r in rows)
+    if structured:
+        kept = [r["shape"][0] / r["dense_shape"][0] for r in rows]
+        ax.plot(range(len(rows)), kept, "o", color="tab:orange", label="kept output channels")
+    ax.set_xticks(range(len(rows)), names, rotation=90, fontsize=7)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("fraction of the dense layer")
+    ax.set_title(title)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

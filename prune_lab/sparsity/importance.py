@@ -1,0 +1,109 @@
+"""Importance criteria: which weights or channels matter least.
+
+Each criterion scores single weights (unstructured methods) and channel groups (structured
+methods). Channel scores come from torch-pruning's importance classes, so a channel's score
+covers every layer coupled to it (DepGraph-style); element scores are one line each.
+"""
+from __future__ import annotations
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from prune_lab.errors import PruneLabError
+
+
+class Importance:
+    """Base criterion. `needs_grad`: the caller must fill `.grad` (one loss backward) first."""
+
+    needs_grad = False
+    name = "base"
+
+    def weight_scores(self, params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+        return {n: self.score(p) for n, p in params.items()}
+
+    def score(self, p: nn.Parameter) -> torch.Tensor:
+        raise PruneLabError(f"importance '{self.name}' scores channels only; use it with a structured method")
+
+    def channel_scorer(self) -> tp.importance.Importance:
+        raise PruneLabError(f"importance '{self.name}' scores weights only; use it with an unstructured method")
+
+
+class Magnitude(Importance):
+    """|w| for weights; the Lp norm of each channel's filter for channels.
+
+    `group_reduction="first"` scores a channel by its root filter alone (Li et al.'s L1-filter);
+    "mean" averages over every coupled layer (DepGraph's group norm).
+    """
+
+    name = "magnitude"
+
+    def __init__(self, p: int = 1, group_reduction: str = "first"):
+        self.p, self.group_reduction = p, group_reduction
+
+    def score(self, p):
+        return p.detach().abs()
+
+    def channel_scorer(self):
+        return tp.importance.GroupMagnitudeImportance(p=self.p, group_reduction=self.group_reduction, normalizer=None)
+
+
+class Taylor(Importance):
+    """First-order Taylor: |w·∂L/∂w| per weight; (Σ w·g)² per channel group (Molchanov et al.)."""
+
+    name = "taylor"
+    needs_grad = True
+
+    def score(self, p):
+        if p.grad is None:
+            raise RuntimeError("taylor importance needs gradients; run a backward pass first")
+        return (p.detach() * p.grad).abs()
+
+    def channel_scorer(self):
+        return tp.importance.GroupTaylorImportance(group_reduction="mean", normalizer=None)
+
+
+class Gradient(Importance):
+    """|∂L/∂w|: a weight the loss is sensitive to is kept (the grow criterion of RigL)."""
+
+    name = "gradient"
+    needs_grad = True
+
+    def score(self, p):
+        if p.grad is None:
+            raise RuntimeError("gradient importance needs gradients; run a backward pass first")
+        return p.grad.detach().abs()
+
+
+class BNScale(Importance):
+    """|γ| of the batch-norm layers coupled to a channel (network slimming)."""
+
+    name = "bn_scale"
+
+    def channel_scorer(self):
+        return tp.importance.BNScaleImportance(group_reduction="mean", normalizer=None)
+
+
+class Random(Importance):
+    """Uniform random scores: the sanity-check baseline. Draws from torch's global RNG, which the
+    run seeds, so the same seed prunes the same weights."""
+
+    name = "random"
+
+    def score(self, p):
+        return torch.rand(p.shape, device=p.device)
+
+    def channel_scorer(self):
+        return tp.importance.RandomImportance()
+
+
+IMPORTANCES = {"magnitude": Magnitude, "taylor": Taylor, "gradient": Gradient, "bn_scale": BNScale, "random": Random}
+
+
+def build_importance(spec) -> Importance:
+    """An `Importance` from a name ("magnitude") or an already built object (Hydra `_target_`)."""
+    if isinstance(spec, Importance):
+        return spec
+    if spec not in IMPORTANCES:
+        raise PruneLabError(f"unknown importance '{spec}'; choose one of: {', '.join(IMPORTANCES)}")
+    return IMPORTANCES[spec]()

@@ -1,0 +1,135 @@
+"""MaskSet: binary masks for a model's parameters, kept as buffers so checkpoints carry them.
+
+A mask exists for every parameter (all ones at first). Only masks that are not all ones are
+*active* and get enforced, so a dense run pays nothing. The budget of `target: params` methods
+counts the weights of conv and linear layers (`prunable_weights`), stem and classifier included.
+Structured methods additionally record a channel plan: for each dependency-group root, which
+output channels are kept; it is what the exporter replays to shrink the model physically.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+PRUNABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def prunable_weights(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The weights a `target: params` budget counts: every conv and linear weight."""
+    out = {}
+    for mod_name, mod in model.named_modules():
+        if isinstance(mod, PRUNABLE_TYPES):
+            out[f"{mod_name}.weight" if mod_name else "weight"] = mod.weight
+    return out
+
+
+def _key(name: str) -> str:
+    # buffer names may not contain dots
+    return name.replace(".", "__")
+
+
+class MaskSet(nn.Module):
+    """Masks of one model's parameters. Bind it to the model; it never owns the model."""
+
+    PARAM = "m__"
+    CHANNEL = "ch__"
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self._params: dict[str, nn.Parameter] = {}
+        self.prunable: list[str] = []
+        self.active: set[str] = set()
+        self.bind(model)
+        for name, p in self._params.items():
+            self.register_buffer(self.PARAM + _key(name), torch.ones_like(p, dtype=torch.bool))
+
+    def bind(self, model: nn.Module) -> None:
+        """Point the masks at `model`'s parameters (after a deepcopy or a device move)."""
+        self._params = dict(model.named_parameters())
+        self.prunable = list(prunable_weights(model))
+
+    # -- masks --------------------------------------------------------------------------
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return getattr(self, self.PARAM + _key(name))
+
+    def __contains__(self, name: str) -> bool:
+        return hasattr(self, self.PARAM + _key(name))
+
+    def set(self, name: str, mask: torch.Tensor) -> None:
+        buf = self[name]
+        if mask.shape != buf.shape:
+            raise ValueError(f"mask for {name} has shape {tuple(mask.shape)}, expected {tuple(buf.shape)}")
+        buf.copy_(mask.to(device=buf.device, dtype=torch.bool))
+        if bool(buf.all()):
+            self.active.discard(name)
+        else:
+            self.active.add(name)
+
+    def reset(self) -> None:
+        for name in list(self.active):
+            self[name].fill_(True)
+        self.active.clear()
+        for key in [k for k, _ in self.named_buffers() if k.startswith(self.CHANNEL)]:
+            delattr(self, key)
+
+    # -- enforcement --------------------------------------------------------------------
+    @torch.no_grad()
+    def apply(self) -> None:
+        """Zero the masked entries of the parameters (after every optimizer step)."""
+        for name in self.active:
+            self._params[name].mul_(self[name])
+
+    @torch.no_grad()
+    def mask_grads(self) -> None:
+        for name in self.active:
+            g = self._params[name].grad
+            if g is not None:
+                g.mul_(self[name])
+
+    @torch.no_grad()
+    def mask_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
+        """Clear momentum-like state of pruned entries so they do not push against the mask."""
+        by_id = {id(p): n for n, p in self._params.items()}
+        for p, state in optimizer.state.items():
+            name = by_id.get(id(p))
+            if name not in self.active:
+                continue
+            for v in state.values():
+                if torch.is_tensor(v) and v.shape == p.shape:
+                    v.mul_(self[name])
+
+    # -- channel plan (structured methods) ------------------------------------------------
+    def set_channel_plan(self, plan: dict[str, torch.Tensor]) -> None:
+        """`plan[root_module_name]` is a bool vector over the root's output channels (True = kept)."""
+        for key in [k for k, _ in self.named_buffers() if k.startswith(self.CHANNEL)]:
+            delattr(self, key)
+        for root, keep in plan.items():
+            self.register_buffer(self.CHANNEL + _key(root), keep.to(torch.bool).clone())
+        self._channel_names = {self.CHANNEL + _key(r): r for r in plan}
+
+    @property
+    def channel_plan(self) -> dict[str, torch.Tensor]:
+        names = getattr(self, "_channel_names", {})
+        return {names.get(k, k[len(self.CHANNEL):].replace("__", ".")): v
+                for k, v in self.named_buffers() if k.startswith(self.CHANNEL)}
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        # Channel-plan buffers exist only after a structured update: create them before loading.
+        for full_key, value in state_dict.items():
+            if full_key.startswith(prefix + self.CHANNEL):
+                key = full_key[len(prefix):]
+                if not hasattr(self, key):
+                    self.register_buffer(key, torch.empty_like(value))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+        self.active = {n for n in self._params if n in self and not bool(self[n].all())}
+
+    # -- reading ------------------------------------------------------------------------
+    def density(self) -> dict[str, float]:
+        """Fraction of nonzero entries per prunable weight (read from the weights, not the masks)."""
+        return {n: float(self._params[n].count_nonzero()) / self._params[n].numel() for n in self.prunable}
+
+    def sparsity(self) -> float:
+        """Zero fraction over all prunable weights: what a `target: params` budget means."""
+        total = sum(self._params[n].numel() for n in self.prunable)
+        nonzero = sum(int(self._params[n].count_nonzero()) for n in self.prunable)
+        return 1.0 - nonzero / max(total, 1)

@@ -1,0 +1,239 @@
+"""Channel groups from torch-pruning's DependencyGraph: masks first, physical shrink for export.
+
+A *group* is a set of coupled channels (a conv's outputs, its BN, the next layers' inputs, and
+across residual adds every layer that writes or reads the same stream). A structured method
+decides, per group, which root channels to keep; `param_masks` turns that plan into masks that
+zero exactly what `shrink` later removes, so the masked and the shrunk model compute the same.
+Hand-written here: the plan→mask translation and the analytic FLOPs model (torch-pruning prunes
+but neither masks nor predicts FLOPs of a plan without pruning a copy).
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from prune_lab.errors import PruneLabError
+
+ROOT_TYPES = (nn.Conv2d, nn.Linear)
+
+
+def _is_depthwise(m: nn.Module) -> bool:
+    return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
+
+
+def build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
+    # Tracing runs a forward: eval mode keeps BN running statistics untouched.
+    was_training = model.training
+    model.eval()
+    try:
+        return tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
+    finally:
+        model.train(was_training)
+
+
+class ChannelGroups:
+    """The prunable channel groups of a model, each identified by its root module's name."""
+
+    def __init__(self, model: nn.Module, example_input: torch.Tensor, ignored: list[nn.Module] = ()):
+        self.model = model
+        try:
+            self.graph = build_graph(model, example_input)
+            groups = list(self.graph.get_all_groups(ignored_layers=list(ignored), root_module_types=ROOT_TYPES))
+        except Exception as e:  # tracing failures surface as one line, not a torch-pruning traceback
+            raise PruneLabError(f"cannot trace channel dependencies of {type(model).__name__}: {e}") from e
+        names = {m: n for n, m in model.named_modules()}
+        self.groups = [g for g in groups if len(g[0].idxs) > 1]
+        self.roots = [names[g[0].dep.target.module] for g in self.groups]
+        self.sizes = [len(g[0].idxs) for g in self.groups]
+        self._names = names
+
+    def __len__(self):
+        return len(self.groups)
+
+    def scores(self, scorer: tp.importance.Importance) -> list[torch.Tensor]:
+        out = []
+        for g, size in zip(self.groups, self.sizes):
+            s = scorer(g)
+            out.append(torch.zeros(size) if s is None else s.detach().float().cpu())
+        return out
+
+    def _items(self, gi: int, keep: torch.Tensor):
+        """(module_name, module, 'out'|'in', layer-local indices) pruned by dropping ~keep in group gi."""
+        root = self.groups[gi][0].dep.target.module
+        pruned = (~keep).nonzero().flatten().tolist()
+        if not pruned:
+            return
+        group = self.graph.get_pruning_group(root, self.groups[gi][0].dep.handler, pruned)
+        for item in group:
+            layer, fn = item.dep.target.module, item.dep.handler
+            if not isinstance(layer, nn.Module) or layer not in self._names:
+                continue  # functional ops (add, flatten, cat) carry no parameters
+            kind = "out" if self.graph.is_out_channel_pruning_fn(fn) else "in"
+            yield self._names[layer], layer, kind, list(item.idxs)
+
+    def param_masks(self, plan: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Masks (True = kept) over parameters that zero every entry `shrink(plan)` removes."""
+        masks: dict[str, torch.Tensor] = {}
+
+        def zero(pname, p, idx, dim):
+            m = masks.setdefault(pname, torch.ones_like(p, dtype=torch.bool))
+            m.index_fill_(dim, torch.tensor(idx, dtype=torch.long, device=p.device), False)
+
+        for gi, root in enumerate(self.roots):
+            if root not in plan:
+                continue
+            for name, layer, kind, idx in self._items(gi, plan[root]):
+                for pn, p in layer.named_parameters(recurse=False):
+                    full = f"{name}.{pn}" if name else pn
+                    if kind == "out" or _is_depthwise(layer):
+                        zero(full, p, idx, 0)  # filters, biases and BN entries of dropped outputs
+                    elif p.dim() == 1:
+                        continue  # a bias belongs to the outputs, not the inputs
+                    elif isinstance(layer, nn.Linear) or layer.groups == 1:
+                        zero(full, p, idx, 1)
+                    else:
+                        raise PruneLabError(f"grouped convolution {name} (groups={layer.groups}) "
+                                            "is not supported by channel pruning")
+        return masks
+
+
+def shrink(model: nn.Module, plan: dict[str, torch.Tensor], example_input: torch.Tensor) -> nn.Module:
+    """A physically smaller copy of `model` with the channels of `plan` removed (masks ignored)."""
+    small = copy.deepcopy(model)
+    graph = build_graph(small, example_input)
+    modules = dict(small.named_modules())
+    for root, keep in plan.items():
+        pruned = (~keep.cpu()).nonzero().flatten().tolist()
+        if not pruned:
+            continue
+        m = modules[root]
+        fn = graph.get_pruner_of_module(m).prune_out_channels
+        graph.get_pruning_group(m, fn, pruned).prune(record_history=False)
+    return small
+
+
+class FlopsModel:
+    """MACs of every conv/linear layer as a function of a channel plan, without pruning a copy.
+
+    Spatial sizes are recorded once by forward hooks; a plan removes, per layer, the out/in
+    indices its groups touch. `macs(plan)` equals torch's FLOP counter on the shrunk model / 2
+    (tests check it).
+    """
+
+    def __init__(self, groups: ChannelGroups, example_input: torch.Tensor):
+        self.layers: dict[str, dict] = {}
+        hooks = []
+        for name, m in groups.model.named_modules():
+            if isinstance(m, ROOT_TYPES):
+                hooks.append(m.register_forward_hook(self._record(name)))
+        was_training = groups.model.training
+        groups.model.eval()
+        with torch.no_grad():
+            groups.model(example_input[:1])
+        groups.model.train(was_training)
+        for h in hooks:
+            h.remove()
+        # per group: for each item, the layer, direction and the root index of every local index
+        self.items = []
+        for gi, g in enumerate(groups.groups):
+            entries = []
+            full = groups.graph.get_pruning_group(g[0].dep.target.module, g[0].dep.handler, list(range(groups.sizes[gi])))
+            for item in full:
+                layer = item.dep.target.module
+                if isinstance(layer, ROOT_TYPES) and layer in groups._names:
+                    kind = "out" if groups.graph.is_out_channel_pruning_fn(item.dep.handler) else "in"
+                    entries.append((groups._names[layer], kind, torch.tensor(item.root_idxs)))
+            self.items.append(entries)
+        self.roots = groups.roots
+
+    def _record(self, name):
+        def hook(m, inp, out):
+            if isinstance(m, nn.Conv2d):
+                self.layers[name] = dict(out=m.out_channels, inp=m.in_channels, groups=m.groups,
+                                         k=math.prod(m.kernel_size), pos=out.shape[-1] * out.shape[-2],
+                                         dw=_is_depthwise(m))
+            else:
+                self.layers[name] = dict(out=m.out_features, inp=m.in_features, groups=1, k=1,
+                                         pos=out[0].numel() // m.out_features, dw=False)
+        return hook
+
+    def macs(self, plan: dict[str, torch.Tensor] | None = None) -> int:
+        removed = {n: {"out": 0, "in": 0} for n in self.layers}
+        for root, entries in zip(self.roots, self.items):
+            if plan is None or root not in plan:
+                continue
+            dropped = ~plan[root].cpu()
+            for name, kind, root_idxs in entries:
+                removed[name][kind] += int(dropped[root_idxs].sum())
+        total = 0
+        for name, L in self.layers.items():
+            out = L["out"] - removed[name]["out"]
+            if L["dw"]:
+                total += out * L["k"] * L["pos"]
+            else:
+                inp = L["inp"] - removed[name]["in"]
+                total += out * (inp // L["groups"]) * L["k"] * L["pos"]
+        return total
+
+
+def _plan_for(scores, counts) -> list[torch.Tensor]:
+    plans = []
+    for s, n_prune in zip(scores, counts):
+        keep = torch.ones(len(s), dtype=torch.bool)
+        if n_prune > 0:
+            keep[torch.sort(s, stable=True).indices[:n_prune]] = False
+        plans.append(keep)
+    return plans
+
+
+def _counts(mode, level, scores, sizes, round_to):
+    """Channels pruned per group for a scalar `level` in [0, 1]."""
+    counts = []
+    for s, size in zip(scores, sizes):
+        if mode == "uniform":
+            keep = size - int(math.floor(level * size))
+        else:  # global: prune channels whose group-normalised score is below a quantile threshold
+            norm = s / (s.mean() + 1e-12)
+            keep = int((norm >= level).sum())
+        if round_to > 1 and keep < size:
+            keep = min(size, max(round_to, int(round(keep / round_to)) * round_to))
+        counts.append(size - max(1, keep))
+    return counts
+
+
+def solve_flops_target(groups: ChannelGroups, flops: FlopsModel, scores: list[torch.Tensor], target: float,
+                       mode: str = "uniform", round_to: int = 1, tolerance: float = 0.02) -> dict[str, torch.Tensor]:
+    """Per-group keep masks whose FLOPs reduction is within `tolerance` of `target`.
+
+    `uniform`: one prune ratio for every group; `global`: one threshold on group-normalised
+    scores. Either way a single scalar is bisected, since FLOPs fall monotonically in it.
+    """
+    if mode not in ("uniform", "global"):
+        raise PruneLabError(f"unknown channel allocation '{mode}'; choose one of: uniform, global")
+    dense = flops.macs()
+    hi_level = 1.0 if mode == "uniform" else max(float((s / (s.mean() + 1e-12)).max()) for s in scores) + 1e-6
+
+    def reduction(level):
+        plan = dict(zip(groups.roots, _plan_for(scores, _counts(mode, level, scores, groups.sizes, round_to))))
+        return 1.0 - flops.macs(plan) / dense, plan
+
+    lo, hi = 0.0, hi_level
+    best = (abs(reduction(0.0)[0] - target), reduction(0.0))
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        r, plan = reduction(mid)
+        if abs(r - target) < best[0]:
+            best = (abs(r - target), (r, plan))
+        if r < target:
+            lo = mid
+        else:
+            hi = mid
+    err, (achieved, plan) = best
+    if err > tolerance:
+        raise PruneLabError(f"cannot reach a FLOPs reduction of {target:.3f} on this model (closest: {achieved:.3f}); "
+                            f"try budget within the reachable range or channel allocation 'global'")
+    return plan
