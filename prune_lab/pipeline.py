@@ -25,6 +25,19 @@ from prune_lab.sparsity import ChannelGroups, latency_ms
 log = logging.getLogger("prune_lab")
 
 
+def quiet_lightning() -> None:
+    """Route Lightning's console messages through Hydra's logging (stdout + train.log), once.
+
+    Lightning adds its own stderr handler at import; with it every message prints twice and
+    stderr, which users read for errors, fills with INFO lines.
+    """
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True
+        logger.addFilter(lambda record: "litlogger" not in record.getMessage())
+
+
 def build(node, **kwargs):
     """hydra.utils.instantiate, but a PruneLabError raised inside reaches the user unwrapped."""
     try:
@@ -103,7 +116,7 @@ def dense_reference(cfg: DictConfig, dm, model: torch.nn.Module, example: torch.
         return {"state_dict": load_file(str(cache / "model.safetensors")), **meta}
     log.info("dense reference: training %s on %s for %d epochs (cached for later runs)",
              cfg.model.name, dm.name, cfg.dense.epochs)
-    L.seed_everything(cfg.seed, workers=True)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     dense_model = copy.deepcopy(model)
     optimizer = build(cfg.module.optimizer, lr=cfg.dense.lr)
     module = PruneLabModule(dense_model, dm.num_classes, example, optimizer, build(cfg.module.scheduler),
@@ -143,8 +156,9 @@ def _evaluate(cfg, dm, model, example) -> dict:
 # -- the run ----------------------------------------------------------------------------
 def run(cfg: DictConfig) -> dict:
     t_start = time.time()
+    quiet_lightning()
     validate(cfg)
-    L.seed_everything(cfg.seed, workers=True)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     dm = build(cfg.data)
     dm.check()
     weights = cfg.model.get("weights")
@@ -163,7 +177,7 @@ def run(cfg: DictConfig) -> dict:
     dense_model = copy.deepcopy(model).cpu().eval()
     dense_model.load_state_dict(dense["state_dict"])
 
-    L.seed_everything(cfg.seed, workers=True)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = PruneLabModule(model, dm.num_classes, example, build(cfg.module.optimizer), build(cfg.module.scheduler),
                             cfg.module.get("label_smoothing", 0.0))
     trainer = build(cfg.trainer, callbacks=callbacks + run_callbacks, logger=loggers or False)

@@ -190,50 +190,54 @@ def _plan_for(scores, counts) -> list[torch.Tensor]:
     return plans
 
 
-def _counts(mode, level, scores, sizes, round_to):
-    """Channels pruned per group for a scalar `level` in [0, 1]."""
-    counts = []
-    for s, size in zip(scores, sizes):
-        if mode == "uniform":
-            keep = size - int(math.floor(level * size))
-        else:  # global: prune channels whose group-normalised score is below a quantile threshold
-            norm = s / (s.mean() + 1e-12)
-            keep = int((norm >= level).sum())
-        if round_to > 1 and keep < size:
-            keep = min(size, max(round_to, int(round(keep / round_to)) * round_to))
-        counts.append(size - max(1, keep))
-    return counts
+def _prune_events(mode, scores, sizes, round_to) -> list[tuple[float, int, int]]:
+    """Single prune steps (key, group, channels pruned after the step), in the order they apply.
+
+    `uniform` orders steps by the group's pruned fraction after the step, so every prefix keeps
+    the groups' ratios as equal as channel counts allow; `global` orders by the group-normalised
+    score of the channel removed. Kept counts stay ≥ 1 and, with `round_to`, multiples of it.
+    """
+    events = []
+    for g, (s, size) in enumerate(zip(scores, sizes)):
+        kept_levels = [k for k in range(size - 1, 0, -1) if round_to <= 1 or k % round_to == 0]
+        norm = torch.sort(s / (s.mean() + 1e-12), stable=True).values
+        for kept in kept_levels:
+            pruned = size - kept
+            key = pruned / size if mode == "uniform" else float(norm[pruned - 1])
+            events.append((key, g, pruned))
+    events.sort(key=lambda e: (e[0], e[1], e[2]))
+    return events
 
 
 def solve_flops_target(groups: ChannelGroups, flops: FlopsModel, scores: list[torch.Tensor], target: float,
                        mode: str = "uniform", round_to: int = 1, tolerance: float = 0.02) -> dict[str, torch.Tensor]:
     """Per-group keep masks whose FLOPs reduction is within `tolerance` of `target`.
 
-    `uniform`: one prune ratio for every group; `global`: one threshold on group-normalised
-    scores. Either way a single scalar is bisected, since FLOPs fall monotonically in it.
+    Prune steps are ordered once (`_prune_events`); FLOPs fall monotonically along that order, so
+    a bisection over the number of steps taken finds the plan closest to the target.
     """
     if mode not in ("uniform", "global"):
         raise PruneLabError(f"unknown channel allocation '{mode}'; choose one of: uniform, global")
     dense = flops.macs()
-    hi_level = 1.0 if mode == "uniform" else max(float((s / (s.mean() + 1e-12)).max()) for s in scores) + 1e-6
+    events = _prune_events(mode, scores, groups.sizes, round_to)
 
-    def reduction(level):
-        plan = dict(zip(groups.roots, _plan_for(scores, _counts(mode, level, scores, groups.sizes, round_to))))
+    def reduction(n_steps):
+        counts = [0] * len(groups.sizes)
+        for _, g, pruned in events[:n_steps]:
+            counts[g] = max(counts[g], pruned)
+        plan = dict(zip(groups.roots, _plan_for(scores, counts)))
         return 1.0 - flops.macs(plan) / dense, plan
 
-    lo, hi = 0.0, hi_level
-    best = (abs(reduction(0.0)[0] - target), reduction(0.0))
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        r, plan = reduction(mid)
-        if abs(r - target) < best[0]:
-            best = (abs(r - target), (r, plan))
-        if r < target:
-            lo = mid
+    lo, hi = 0, len(events)
+    while lo < hi:  # smallest number of steps whose reduction reaches the target
+        mid = (lo + hi) // 2
+        if reduction(mid)[0] < target:
+            lo = mid + 1
         else:
             hi = mid
-    err, (achieved, plan) = best
-    if err > tolerance:
-        raise PruneLabError(f"cannot reach a FLOPs reduction of {target:.3f} on this model (closest: {achieved:.3f}); "
-                            f"try budget within the reachable range or channel allocation 'global'")
+    candidates = [reduction(n) for n in {max(lo - 1, 0), lo}]
+    achieved, plan = min(candidates, key=lambda c: abs(c[0] - target))
+    if abs(achieved - target) > tolerance:
+        raise PruneLabError(f"budget={target} is not reachable on this model within ±{tolerance} "
+                            f"(closest FLOPs reduction: {achieved:.3f}); every group keeps at least one channel")
     return plan

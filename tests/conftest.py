@@ -1,0 +1,34 @@
+"""Shared test helpers: compose the real Hydra config, run train.py as a user would."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# A fast variant of the quick start: 8x8 digits, 2 epochs; everything else is the real config.
+FAST = ["experiment=quickstart", "data.image_size=8", "epochs=2", "dense.epochs=4", "latency.repeats=2",
+        "latency.warmup=1", "callbacks.progress_bar.leave=false"]
+
+
+def compose_cfg(overrides: list[str], out_dir: Path, dense_dir: Path):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="train", overrides=[*overrides, f"paths.output_dir={out_dir}",
+                                                        f"paths.root_dir={ROOT}", f"paths.dense_dir={dense_dir}"])
+
+
+def run_cli(args: list[str], cwd: Path = ROOT, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def dense_dir(tmp_path_factory) -> Path:
+    """One dense-reference cache for the whole session, as a sweep would share it."""
+    return tmp_path_factory.mktemp("dense")

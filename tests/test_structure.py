@@ -1,0 +1,280 @@
+"""Structured half of the sparsity engine: channel groups, plan -> masks, shrink, FLOPs model and solver."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from prune_lab.errors import PruneLabError
+from prune_lab.sparsity import (ChannelGroups, FlopsModel, MaskSet, count_flops, count_params, shrink,
+                                solve_flops_target)
+from prune_lab.sparsity.importance import BNScale, Magnitude, Random
+
+TOL = 0.02
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a shared 2-core box, OpenMP barriers of oversubscribed threads
+    make these big-tensor tests many times slower; restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# -- models -------------------------------------------------------------------------------------------
+def randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial running stats and affine params, so a wrongly masked channel shows in the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                c = m.num_features
+                m.running_mean.copy_(torch.rand(c, generator=g) * 2 - 1)
+                m.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.5)
+                m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+                m.bias.copy_(torch.rand(c, generator=g) * 2 - 1)
+    return model
+
+
+def vgg_bn(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    layers, c = [], 3
+    for o in [32, 32, "M", 64, 64, "M", 128, 128]:
+        if o == "M":
+            layers.append(nn.MaxPool2d(2))
+            continue
+        layers += [nn.Conv2d(c, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU()]
+        c = o
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 64), nn.ReLU(), nn.Linear(64, 10)]
+    return randomise_bn(nn.Sequential(*layers), seed)
+
+
+def resnet18(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return randomise_bn(torchvision.models.resnet18(num_classes=10), seed)
+
+
+class Setup:
+    def __init__(self, name: str):
+        if name == "resnet18":
+            self.model = resnet18()
+            self.classifier = self.model.fc
+        else:
+            self.model = vgg_bn()
+            self.classifier = self.model[-1]
+        self.model.eval()
+        torch.manual_seed(5)
+        self.x = torch.randn(2, 3, 32, 32)
+        self.groups = ChannelGroups(self.model, self.x, ignored=[self.classifier])
+        self.flops = FlopsModel(self.groups, self.x)
+        self.dense = count_flops(self.model, self.x)
+        torch.manual_seed(6)
+        self.scores = {"magnitude": self.groups.scores(Magnitude().channel_scorer()),
+                       "random": self.groups.scores(Random().channel_scorer())}
+
+
+@pytest.fixture(scope="module", params=["resnet18", "vgg"])
+def setup(request):
+    return Setup(request.param)
+
+
+def masked_copy(model: nn.Module, groups: ChannelGroups, plan) -> nn.Module:
+    twin = copy.deepcopy(model)
+    ms = MaskSet(twin)
+    for n, keep in groups.param_masks(plan).items():
+        ms.set(n, keep)
+    ms.apply()
+    return twin
+
+
+# -- the solver, the FLOPs model and shrink agree ------------------------------------------------------
+def test_flops_model_dense_equals_torch_counter(setup):
+    assert setup.flops.macs() == setup.dense
+    assert setup.flops.macs({}) == setup.dense
+    assert len(setup.groups) > 0
+    assert len(setup.groups.roots) == len(setup.groups.sizes) == len(setup.groups)
+
+
+@pytest.mark.parametrize("mode", ["uniform", "global"])
+@pytest.mark.parametrize("target", [0.3, 0.5, 0.7])
+def test_solve_shrink_and_masks_agree(setup, target, mode):
+    s = setup
+    plan = solve_flops_target(s.groups, s.flops, s.scores["magnitude"], target, mode=mode)
+    assert set(plan) == set(s.groups.roots)
+    for root, size in zip(s.groups.roots, s.groups.sizes):
+        assert plan[root].dtype == torch.bool and plan[root].shape == (size,)
+        assert int(plan[root].sum()) >= 1
+
+    predicted = s.flops.macs(plan)
+    assert abs(1 - predicted / s.dense - target) <= TOL
+
+    small = shrink(s.model, plan, s.x)
+    measured = count_flops(small, s.x)
+    assert measured == predicted  # the analytic model is exact
+    assert abs(1 - measured / s.dense - target) <= TOL
+
+    # shrink copies: the original keeps its shape
+    assert count_flops(s.model, s.x) == s.dense
+    assert count_params(small) < count_params(s.model)
+
+    # masks zero exactly what shrink removes ...
+    masks = s.groups.param_masks(plan)
+    kept = sum(int(masks[n].sum()) if n in masks else p.numel() for n, p in s.model.named_parameters())
+    assert kept == count_params(small)
+    # ... so the masked and the shrunk model compute the same
+    twin = masked_copy(s.model, s.groups, plan)
+    twin.eval()
+    small.eval()
+    with torch.no_grad():
+        ref, got_masked, got_small = s.model(s.x), twin(s.x), small(s.x)
+    assert not torch.allclose(ref, got_small, atol=1e-3)  # pruning did change something
+    torch.testing.assert_close(got_masked, got_small, atol=1e-5, rtol=1e-5)
+
+
+def test_random_scores_also_land(setup):
+    plan = solve_flops_target(setup.groups, setup.flops, setup.scores["random"], 0.5, mode="global")
+    assert abs(1 - setup.flops.macs(plan) / setup.dense - 0.5) <= TOL
+
+
+def test_plan_prunes_lowest_scores_in_uniform_mode(setup):
+    scores = setup.scores["magnitude"]
+    plan = solve_flops_target(setup.groups, setup.flops, scores, 0.5, mode="uniform")
+    for root, sc in zip(setup.groups.roots, scores):
+        keep = plan[root]
+        if (~keep).any():
+            assert sc[~keep].max() <= sc[keep].min()
+
+
+def test_max_reduction_keeps_one_channel_per_group(setup):
+    one = {r: torch.arange(n) == 0 for r, n in zip(setup.groups.roots, setup.groups.sizes)}
+    max_red = 1 - setup.flops.macs(one) / setup.dense
+    plan = solve_flops_target(setup.groups, setup.flops, setup.scores["magnitude"], max_red, mode="uniform")
+    assert abs(1 - setup.flops.macs(plan) / setup.dense - max_red) <= TOL
+    assert all(int(k.sum()) >= 1 for k in plan.values())
+    plan = solve_flops_target(setup.groups, setup.flops, setup.scores["magnitude"], max_red, mode="global")
+    assert all(int(k.sum()) >= 1 for k in plan.values())
+
+
+def test_round_to(setup):
+    plan = solve_flops_target(setup.groups, setup.flops, setup.scores["magnitude"], 0.5, round_to=8)
+    for root, size in zip(setup.groups.roots, setup.groups.sizes):
+        k = int(plan[root].sum())
+        assert k == size or (k % 8 == 0 and k >= 8)
+    assert abs(1 - setup.flops.macs(plan) / setup.dense - 0.5) <= TOL
+
+
+def test_unknown_mode_raises(setup):
+    with pytest.raises(PruneLabError, match="uniform"):
+        solve_flops_target(setup.groups, setup.flops, setup.scores["magnitude"], 0.5, mode="layerwise")
+
+
+# -- hand-checkable cases ------------------------------------------------------------------------------
+def test_unreachable_target_raises():
+    # the stem is ignored, so its 64 outputs always stay: at most ~94 % of the FLOPs can go
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+    x = torch.randn(1, 3, 8, 8)
+    groups = ChannelGroups(model, x, ignored=[model[0], model[-1]])
+    assert groups.roots == ["2"]
+    flops = FlopsModel(groups, x)
+    dense = 64 * 3 * 9 * 64 + 64 * 64 * 9 * 64 + 64 * 10
+    assert flops.macs() == dense == count_flops(model, x)
+    floor = 64 * 3 * 9 * 64 + 1 * 64 * 9 * 64 + 1 * 10
+    max_red = 1 - floor / dense
+    scores = groups.scores(Magnitude().channel_scorer())
+    for mode in ("uniform", "global"):
+        with pytest.raises(PruneLabError):
+            solve_flops_target(groups, flops, scores, 0.999, mode=mode)
+        with pytest.raises(PruneLabError):
+            solve_flops_target(groups, flops, scores, max_red + 0.03, mode=mode)
+        plan = solve_flops_target(groups, flops, scores, max_red, mode=mode)
+        assert flops.macs(plan) == floor
+
+
+def test_only_classifier_has_no_groups():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 10))
+    groups = ChannelGroups(model, torch.randn(1, 3, 4, 4), ignored=[model[1]])
+    assert len(groups) == 0
+
+
+def test_untraceable_model_raises_prunelab_error():
+    model = nn.Sequential(nn.Linear(5, 3))
+    with pytest.raises(PruneLabError):
+        ChannelGroups(model, torch.randn(1, 3, 8, 8))
+
+
+def test_param_masks_of_one_dropped_channel():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+    x = torch.randn(1, 3, 8, 8)
+    groups = ChannelGroups(model, x, ignored=[model[-1]])
+    assert set(groups.roots) == {"0", "3"}
+    keep = torch.ones(8, dtype=torch.bool)
+    keep[5] = False
+    masks = groups.param_masks({"0": keep})
+    assert set(masks) == {"0.weight", "0.bias", "1.weight", "1.bias", "3.weight"}
+    for n in ("0.weight", "0.bias", "1.weight", "1.bias"):
+        assert not bool(masks[n][5].any()) and int((~masks[n]).sum()) == masks[n][5].numel()
+    assert not bool(masks["3.weight"][:, 5].any()) and int((~masks["3.weight"]).sum()) == 16 * 9
+    # FLOPs: the first conv loses 1/8 of its outputs, the second 1/8 of its inputs
+    flops = FlopsModel(groups, x)
+    assert flops.macs() - flops.macs({"0": keep}) == 3 * 9 * 64 + 16 * 9 * 64
+
+
+def test_channel_scores():
+    torch.manual_seed(0)
+    model = randomise_bn(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                       nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                                       nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)))
+    groups = ChannelGroups(model, torch.randn(1, 3, 8, 8), ignored=[model[-1]])
+    i = groups.roots.index("0")
+    mag = groups.scores(Magnitude().channel_scorer())[i]  # L1 of the root filter (Li et al.)
+    torch.testing.assert_close(mag, model[0].weight.detach().abs().sum((1, 2, 3)))
+    bn = groups.scores(BNScale().channel_scorer())[i]
+    torch.testing.assert_close(bn, model[1].weight.detach().abs())
+
+
+def test_depthwise_model_masks_match_shrink():
+    torch.manual_seed(0)
+    model = randomise_bn(nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1, groups=32), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.Conv2d(32, 64, 1), nn.BatchNorm2d(64), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10)))
+    model.eval()
+    x = torch.randn(2, 3, 16, 16)
+    groups = ChannelGroups(model, x, ignored=[model[-1]])
+    flops = FlopsModel(groups, x)
+    plan = solve_flops_target(groups, flops, groups.scores(Magnitude().channel_scorer()), 0.5)
+    small = shrink(model, plan, x)
+    assert count_flops(small, x) == flops.macs(plan)
+    twin = masked_copy(model, groups, plan)
+    twin.eval()
+    small.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), small(x), atol=1e-5, rtol=1e-5)
+
+
+def test_channel_plan_masks_survive_maskset_round_trip():
+    s = Setup("vgg")
+    plan = solve_flops_target(s.groups, s.flops, s.scores["magnitude"], 0.5)
+    model = copy.deepcopy(s.model)
+    ms = MaskSet(model)
+    for n, keep in s.groups.param_masks(plan).items():
+        ms.set(n, keep)
+    ms.set_channel_plan(plan)
+    fresh_model = vgg_bn(seed=1)
+    fresh = MaskSet(fresh_model)
+    fresh.load_state_dict(ms.state_dict())
+    assert set(fresh.channel_plan) == set(plan)
+    # the exporter replays the loaded plan: same FLOPs as the original plan
+    small = shrink(fresh_model, fresh.channel_plan, s.x)
+    assert count_flops(small, s.x) == s.flops.macs(plan)
