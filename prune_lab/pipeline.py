@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import hydra
@@ -31,11 +32,13 @@ def quiet_lightning() -> None:
     Lightning adds its own stderr handler at import; with it every message prints twice and
     stderr, which users read for errors, fills with INFO lines.
     """
-    for name in ("lightning.pytorch", "lightning.fabric"):
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logger = logging.getLogger(name)
         logger.handlers.clear()
         logger.propagate = True
-        logger.addFilter(lambda record: "litlogger" not in record.getMessage())
+    # an advertisement, not information about the run
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").filters = [lambda r: "litlogger" not in r.getMessage()]
+    warnings.filterwarnings("ignore", message=".*treespec.*LeafSpec.*")
 
 
 def build(node, **kwargs):
@@ -187,7 +190,7 @@ def run(cfg: DictConfig) -> dict:
     wall = time.time() - t_fit
     pruned_metrics = _test(trainer, module, dm)
     if not cfg.method.get("train", True):
-        trainer.save_checkpoint(out_dir / "checkpoints" / "last.ckpt")
+        trainer.save_checkpoint(out_dir / "checkpoints" / "last.ckpt", weights_only=False)
     if not trainer.is_global_zero:
         return {}
 
@@ -211,7 +214,8 @@ def run(cfg: DictConfig) -> dict:
     pruned_ms = latency_ms(final, example.cpu(), lat_cfg.batch_size, lat_cfg.warmup, lat_cfg.repeats)
     layers = report.layer_table(dense_model, final)
     results = {
-        "schema": report.SCHEMA, "method": cfg.method.name, "budget": float(cfg.budget),
+        "schema": report.SCHEMA, "method": cfg.method.name,
+        "budget": 0.0 if cfg.method.name == "dense" else float(cfg.budget),
         "target": cfg.method.target, "model": cfg.model.name, "data": dm.name, "seed": int(cfg.seed),
         "tags": list(cfg.get("tags") or []),
         "dense": {k: dense[k] for k in ("top1", "top5", "params", "flops")},
