@@ -79,7 +79,7 @@ class Setup:
 
 
 @pytest.fixture(scope="module", params=["resnet18", "vgg"])
-def setup(request):
+def case(request):
     return Setup(request.param)
 
 
@@ -93,17 +93,17 @@ def masked_copy(model: nn.Module, groups: ChannelGroups, plan) -> nn.Module:
 
 
 # -- the solver, the FLOPs model and shrink agree ------------------------------------------------------
-def test_flops_model_dense_equals_torch_counter(setup):
-    assert setup.flops.macs() == setup.dense
-    assert setup.flops.macs({}) == setup.dense
-    assert len(setup.groups) > 0
-    assert len(setup.groups.roots) == len(setup.groups.sizes) == len(setup.groups)
+def test_flops_model_dense_equals_torch_counter(case):
+    assert case.flops.macs() == case.dense
+    assert case.flops.macs({}) == case.dense
+    assert len(case.groups) > 0
+    assert len(case.groups.roots) == len(case.groups.sizes) == len(case.groups)
 
 
 @pytest.mark.parametrize("mode", ["uniform", "global"])
 @pytest.mark.parametrize("target", [0.3, 0.5, 0.7])
-def test_solve_shrink_and_masks_agree(setup, target, mode):
-    s = setup
+def test_solve_shrink_and_masks_agree(case, target, mode):
+    s = case
     plan = solve_flops_target(s.groups, s.flops, s.scores["magnitude"], target, mode=mode)
     assert set(plan) == set(s.groups.roots)
     for root, size in zip(s.groups.roots, s.groups.sizes):
@@ -136,41 +136,41 @@ def test_solve_shrink_and_masks_agree(setup, target, mode):
     torch.testing.assert_close(got_masked, got_small, atol=1e-5, rtol=1e-5)
 
 
-def test_random_scores_also_land(setup):
-    plan = solve_flops_target(setup.groups, setup.flops, setup.scores["random"], 0.5, mode="global")
-    assert abs(1 - setup.flops.macs(plan) / setup.dense - 0.5) <= TOL
+def test_random_scores_also_land(case):
+    plan = solve_flops_target(case.groups, case.flops, case.scores["random"], 0.5, mode="global")
+    assert abs(1 - case.flops.macs(plan) / case.dense - 0.5) <= TOL
 
 
-def test_plan_prunes_lowest_scores_in_uniform_mode(setup):
-    scores = setup.scores["magnitude"]
-    plan = solve_flops_target(setup.groups, setup.flops, scores, 0.5, mode="uniform")
-    for root, sc in zip(setup.groups.roots, scores):
+def test_plan_prunes_lowest_scores_in_uniform_mode(case):
+    scores = case.scores["magnitude"]
+    plan = solve_flops_target(case.groups, case.flops, scores, 0.5, mode="uniform")
+    for root, sc in zip(case.groups.roots, scores):
         keep = plan[root]
         if (~keep).any():
             assert sc[~keep].max() <= sc[keep].min()
 
 
-def test_max_reduction_keeps_one_channel_per_group(setup):
-    one = {r: torch.arange(n) == 0 for r, n in zip(setup.groups.roots, setup.groups.sizes)}
-    max_red = 1 - setup.flops.macs(one) / setup.dense
-    plan = solve_flops_target(setup.groups, setup.flops, setup.scores["magnitude"], max_red, mode="uniform")
-    assert abs(1 - setup.flops.macs(plan) / setup.dense - max_red) <= TOL
+def test_max_reduction_keeps_one_channel_per_group(case):
+    one = {r: torch.arange(n) == 0 for r, n in zip(case.groups.roots, case.groups.sizes)}
+    max_red = 1 - case.flops.macs(one) / case.dense
+    plan = solve_flops_target(case.groups, case.flops, case.scores["magnitude"], max_red, mode="uniform")
+    assert abs(1 - case.flops.macs(plan) / case.dense - max_red) <= TOL
     assert all(int(k.sum()) >= 1 for k in plan.values())
-    plan = solve_flops_target(setup.groups, setup.flops, setup.scores["magnitude"], max_red, mode="global")
+    plan = solve_flops_target(case.groups, case.flops, case.scores["magnitude"], max_red, mode="global")
     assert all(int(k.sum()) >= 1 for k in plan.values())
 
 
-def test_round_to(setup):
-    plan = solve_flops_target(setup.groups, setup.flops, setup.scores["magnitude"], 0.5, round_to=8)
-    for root, size in zip(setup.groups.roots, setup.groups.sizes):
+def test_round_to(case):
+    plan = solve_flops_target(case.groups, case.flops, case.scores["magnitude"], 0.5, round_to=8)
+    for root, size in zip(case.groups.roots, case.groups.sizes):
         k = int(plan[root].sum())
         assert k == size or (k % 8 == 0 and k >= 8)
-    assert abs(1 - setup.flops.macs(plan) / setup.dense - 0.5) <= TOL
+    assert abs(1 - case.flops.macs(plan) / case.dense - 0.5) <= TOL
 
 
-def test_unknown_mode_raises(setup):
+def test_unknown_mode_raises(case):
     with pytest.raises(PruneLabError, match="uniform"):
-        solve_flops_target(setup.groups, setup.flops, setup.scores["magnitude"], 0.5, mode="layerwise")
+        solve_flops_target(case.groups, case.flops, case.scores["magnitude"], 0.5, mode="layerwise")
 
 
 # -- hand-checkable cases ------------------------------------------------------------------------------

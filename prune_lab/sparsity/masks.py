@@ -119,7 +119,7 @@ class MaskSet(nn.Module):
             if full_key.startswith(prefix + self.CHANNEL):
                 key = full_key[len(prefix):]
                 if not hasattr(self, key):
-                    pass
+                    self.register_buffer(key, torch.empty_like(value))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
         self.active = {n for n in self._params if n in self and not bool(self[n].all())}
 
