@@ -234,7 +234,8 @@ def run(cfg: DictConfig) -> dict:
     report.plot_layers(layers, out_dir / "layers.png",
                        f"{cfg.method.name} {cfg.model.name}/{dm.name} budget={cfg.budget} ({cfg.method.target})")
     report.write_json_atomic(out_dir / "results.json", results)
-    log.info("top-1 %.4f (dense %.4f) | %s reduction %.3f | params %d→%d nonzero | FLOPs %d→%d | %s",
-             pruned["top1"], dense["top1"], cfg.method.target, achieved, dense["params"], pruned["nonzero_params"],
-             dense["flops"], pruned["flops"], out_dir)
+    from rich.console import Console
+
+    Console().print(report.summary_table(results))
+    log.info("results: %s", out_dir / "results.json")
     return results

@@ -91,3 +91,24 @@ def plot_layers(rows: list[dict], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def summary_table(results: dict):
+    """Dense vs pruned side by side, as printed at the end of a run."""
+    from rich.table import Table
+
+    d, p, lat = results["dense"], results["pruned"], results["latency"]
+    t = Table(title=f"{results['method']} · {results['model']}/{results['data']} · budget {results['budget']} "
+                    f"({results['target']}) · seed {results['seed']}")
+    t.add_column("")
+    t.add_column("dense", justify="right")
+    t.add_column("pruned", justify="right")
+    t.add_row("top-1", f"{d['top1']:.4f}", f"{p['top1']:.4f}")
+    t.add_row("top-5", f"{d['top5']:.4f}", f"{p['top5']:.4f}")
+    t.add_row("params", f"{d['params']:,}", f"{p['params']:,}")
+    t.add_row("nonzero params", f"{d['params']:,}", f"{p['nonzero_params']:,} (-{p['params_reduction']:.1%})")
+    t.add_row("MACs (dense kernels)", f"{d['flops']:,}", f"{p['flops']:,}")
+    t.add_row("MACs (sparse kernels)", f"{d['flops']:,}", f"{p['sparse_flops']:,} (-{p['flops_reduction']:.1%})")
+    t.add_row(f"CPU latency, batch {lat['batch_size']}", f"{lat['dense_ms']:.2f} ms",
+              f"{lat['pruned_ms']:.2f} ms ({lat['speedup']:.2f}x)")
+    return t
