@@ -98,8 +98,8 @@ def summary_table(results: dict):
     from rich.table import Table
 
     d, p, lat = results["dense"], results["pruned"], results["latency"]
-    t = Table(title=f"{results['method']} · {results['model']}/{results['data']} · budget {results['budget']} "
-                    f"({results['target']}) · seed {results['seed']}")
+    t = Table(title=f"{results['method']} {results['model']}/{results['data']} budget={results['budget']} "
+                    f"({results['target']}) seed={results['seed']}")
     t.add_column("")
     t.add_column("dense", justify="right")
     t.add_column("pruned", justify="right")
