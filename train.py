@@ -4,16 +4,16 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from prune_lab.cli import check_overrides
+from prune_lab.cli import check_overrides, set_sweep_id
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
     from prune_lab.errors import PruneLabError
-    from prune_lab.pipeline import run
+    from prune_lab.pipeline import run_job
 
     try:
-        run(cfg)
+        run_job(cfg)
     except PruneLabError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -21,4 +21,5 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     check_overrides(sys.argv[1:])
+    set_sweep_id(sys.argv[1:])
     main()

@@ -1,14 +1,23 @@
-"""Command-line checks that run before Hydra composes anything.
+"""Command-line checks and sweep identity, settled before Hydra composes anything.
 
-Hydra reports an unknown config-group option as a multi-line listing; a user typing
-`method=magnitdue` gets one line naming the value and the accepted ones instead.
+- Hydra reports an unknown config-group option as a multi-line listing; a user typing
+  `method=magnitdue` gets one line naming the value and the accepted ones instead.
+- A sweep's directory is named after its command, not the clock, so re-running the same
+  command after a crash finds the jobs it already finished (`outputs/sweeps/<id>/`). The id
+  travels in an environment variable, which DDP children, submitit and SLURM jobs inherit.
 """
 from __future__ import annotations
 
+import hashlib
+import os
 import sys
 from pathlib import Path
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
+SWEEP_ENV = "PRUNE_LAB_SWEEP_ID"
+# overrides that say where or how jobs run, not what they compute
+_NOT_IDENTITY = ("hydra/launcher", "hydra.launcher", "hydra.sweep", "hydra.run", "hydra.job.name",
+                 "hydra.output_subdir", "logger", "trainer.devices", "trainer.num_nodes")
 
 
 def group_options(group: str) -> list[str]:
@@ -21,10 +30,27 @@ def check_overrides(argv: list[str]) -> None:
             continue
         key, value = arg.split("=", 1)
         key = key.lstrip("+~")
-        if "." in key or "/" in key or not (CONF / key).is_dir() or key in ("hydra",):
+        if "." in key or "/" in key or key == "hydra" or not (CONF / key).is_dir():
             continue
         options = group_options(key)
         for v in value.split(","):  # multirun lists: method=a,b
             if v and v != "null" and v not in options:
                 print(f"error: unknown {key} '{v}'; choose one of: {', '.join(options)}", file=sys.stderr)
                 sys.exit(2)
+
+
+def sweep_id(argv: list[str]) -> str:
+    """A short stable name for the sweep a command line describes (order of values ignored)."""
+    parts = []
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg or arg.lstrip("+~").startswith(_NOT_IDENTITY):
+            continue
+        key, value = arg.split("=", 1)
+        parts.append(f"{key}={','.join(sorted(value.split(',')))}")
+    parts.sort()
+    prefix = next((p.split("=", 1)[1] for p in parts if p.startswith("experiment=")), "sweep")
+    return f"{prefix.replace(',', '+')}-{hashlib.sha1(' '.join(parts).encode()).hexdigest()[:8]}"
+
+
+def set_sweep_id(argv: list[str]) -> None:
+    os.environ.setdefault(SWEEP_ENV, sweep_id(argv))

@@ -65,11 +65,11 @@ class PruneLabModule(L.LightningModule):
         x, y = batch
         logits = self(x)
         loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
-        self.log("train/ce", loss, on_step=False, on_epoch=True)
+        self.log("train/ce", loss, on_step=False, on_epoch=True, sync_dist=True)
         for term in self.loss_terms:
             loss = loss + term(self, batch, logits)
-        self.log("train/loss", loss, prog_bar=True, on_step=False, on_epoch=True)
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=False, on_epoch=True)
+        self.log("train/loss", loss, prog_bar=True, on_step=False, on_epoch=True, sync_dist=True)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=False, on_epoch=True, sync_dist=True)
         return loss
 
     def _eval_step(self, batch, stage):
@@ -88,7 +88,7 @@ class PruneLabModule(L.LightningModule):
         self._eval_step(batch, "test")
 
     def on_train_epoch_end(self):
-        self.log("sparsity", self.masks.sparsity(), on_epoch=True)
+        self.log("sparsity", self.masks.sparsity(), on_epoch=True, sync_dist=True)
 
     def on_load_checkpoint(self, checkpoint):
         self.masks.bind(self.model)

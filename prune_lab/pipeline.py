@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from prune_lab import export, report
 from prune_lab.errors import PruneLabError
+from prune_lab.loggers import prepare_wandb, publish
 from prune_lab.module import PruneLabModule
 from prune_lab.sparsity import ChannelGroups, latency_ms
 
@@ -133,6 +134,8 @@ def dense_reference(cfg: DictConfig, dm, model: torch.nn.Module, example: torch.
     metrics = _test(trainer, module, dm)
     metrics.update(report.model_costs(dense_model.cpu(), example.cpu()))
     metrics.update({"train_wall_s": time.time() - t0, "key": cache.name})
+    if not trainer.is_global_zero:  # under DDP every rank trained it; one writes it
+        return {"state_dict": dense_model.state_dict(), **metrics}
     tmp.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in dense_model.state_dict().items()},
               str(tmp / "model.safetensors"))
@@ -142,6 +145,20 @@ def dense_reference(cfg: DictConfig, dm, model: torch.nn.Module, example: torch.
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)  # another job finished first; its copy is equivalent
     return {"state_dict": dense_model.state_dict(), **metrics}
+
+
+def mask_digests(masks) -> list[str]:
+    """A hash of every rank's masks, gathered: DDP runs record proof that all ranks agree."""
+    h = hashlib.sha256()
+    for name, buf in sorted(masks.state_dict().items()):
+        h.update(name.encode())
+        h.update(buf.detach().cpu().numpy().tobytes())
+    digest = h.hexdigest()[:16]
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [digest]
+    gathered = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, digest)
+    return gathered
 
 
 def _test(trainer, module, dm) -> dict:
@@ -157,6 +174,43 @@ def _evaluate(cfg, dm, model, example) -> dict:
 
 
 # -- the run ----------------------------------------------------------------------------
+def run_job(cfg: DictConfig) -> dict | None:
+    """What train.py calls. A directory with results.json is finished and is left alone; one with
+    a checkpoint but no results (a crash, a killed sweep) resumes from it; in a sweep, a job that
+    fails unexpectedly records failed.json and the sweep goes on (bad input still stops it)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    out = Path(cfg.paths.output_dir)
+    if (out / "results.json").is_file():
+        log.info("skipping %s: finished already (results.json exists)", out)
+        return json.loads((out / "results.json").read_text())
+    last = out / "checkpoints" / "last.ckpt"
+    if cfg.ckpt_path is None and last.is_file():
+        try:
+            check_checkpoint(last)
+            log.info("resuming the unfinished job in %s from %s", out, last)
+            OmegaConf.update(cfg, "ckpt_path", str(last), force_add=True)
+        except PruneLabError:
+            broken = last.with_name(f"last.ckpt.broken-{int(time.time())}")
+            log.warning("%s is unreadable; kept as %s, starting the job over", last, broken.name)
+            os.replace(last, broken)
+    multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    if not multirun:
+        return run(cfg)
+    try:
+        return run(cfg)
+    except PruneLabError:
+        raise
+    except Exception as e:  # one broken job must not take the rest of the sweep down
+        import traceback
+
+        log.error("job failed: %s: %s (details in %s)", type(e).__name__, e, out / "failed.json")
+        report.write_json_atomic(out / "failed.json", {"error": f"{type(e).__name__}: {e}",
+                                                       "traceback": traceback.format_exc()})
+        return None
+
+
 def run(cfg: DictConfig) -> dict:
     t_start = time.time()
     quiet_lightning()
@@ -171,7 +225,8 @@ def run(cfg: DictConfig) -> dict:
     check_structured(cfg, model, example)
     callbacks = [build(c) for c in cfg.method.get("callbacks", {}).values()]
     run_callbacks = [build(c) for c in cfg.get("callbacks", {}).values()]
-    loggers = [build(c) for c in cfg.get("logger", {}).values()] if cfg.get("logger") else []
+    loggers = [build(prepare_wandb(c, cfg) if "WandbLogger" in c._target_ else c)
+               for c in (cfg.get("logger") or {}).values()]
     # ---- inputs are valid: from here on the run writes ----
     out_dir = Path(cfg.paths.output_dir)
     dense = dense_reference(cfg, dm, model, example)
@@ -191,6 +246,7 @@ def run(cfg: DictConfig) -> dict:
     pruned_metrics = _test(trainer, module, dm)
     if not cfg.method.get("train", True):
         trainer.save_checkpoint(out_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    digests = mask_digests(module.masks)
     if not trainer.is_global_zero:
         return {}
 
@@ -225,7 +281,8 @@ def run(cfg: DictConfig) -> dict:
                     "pruned_ms": pruned_ms, "speedup": dense_ms / pruned_ms},
         "layers": layers,
         "train": {"epochs": int(trainer.current_epoch), "steps": int(trainer.global_step), "wall_s": wall,
-                  "world_size": int(trainer.world_size), "total_wall_s": time.time() - t_start},
+                  "world_size": int(trainer.world_size), "total_wall_s": time.time() - t_start,
+                  "mask_digest_per_rank": digests},
         "export": {"max_abs_diff_masked_vs_deployed": export_diff},
         "env": {"git_sha": report.git_sha(Path(cfg.paths.root_dir)), "torch": torch.__version__,
                 "lightning": L.__version__,
@@ -233,6 +290,7 @@ def run(cfg: DictConfig) -> dict:
     }
     report.plot_layers(layers, out_dir / "layers.png",
                        f"{cfg.method.name} {cfg.model.name}/{dm.name} budget={cfg.budget} ({cfg.method.target})")
+    publish(loggers, results, out_dir)
     report.write_json_atomic(out_dir / "results.json", results)
     from rich.console import Console
 

@@ -139,10 +139,19 @@ class ClassificationDataModule(L.LightningDataModule):
         )
         # A final batch of one sample crashes BatchNorm in training mode
         # ("Expected more than 1 value per channel"); drop it only then.
-        drop_last = len(sampler) > self.batch_size and len(sampler) % self.batch_size == 1
+        per_device = self.per_device_batch_size(world_size)
+        drop_last = len(sampler) > per_device and len(sampler) % per_device == 1
         return DataLoader(
-            dataset, batch_size=self.batch_size, sampler=sampler, drop_last=drop_last, **self._loader_kwargs()
+            dataset, batch_size=per_device, sampler=sampler, drop_last=drop_last, **self._loader_kwargs()
         )
+
+    def per_device_batch_size(self, world_size: int) -> int:
+        """`batch_size` is the global batch: learning rates and step counts then mean the same
+        thing on one device and on N (DESIGN.md §6)."""
+        if self.batch_size % world_size:
+            raise PruneLabError(f"data.batch_size={self.batch_size} is not divisible by the {world_size} devices; "
+                                f"it is the global batch, split evenly across devices")
+        return self.batch_size // world_size
 
     def _eval_loader(self, dataset: Dataset) -> DataLoader:
         return DataLoader(
