@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test test-slow test-all quickstart clean
+.PHONY: install test test-slow quickstart summarize clean
 
 install: $(BIN)/.installed
 
@@ -26,3 +26,8 @@ quickstart: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# Summarise a sweep directory: make summarize SWEEP=outputs/sweeps/<id>
+summarize: install
+	@test -n "$(SWEEP)" || { echo "error: set SWEEP=outputs/sweeps/<id>" >&2; exit 2; }
+	$(BIN)/python scripts/summarize.py $(SWEEP)

@@ -102,7 +102,7 @@ def pareto_plot(rows: list[dict], path: Path) -> None:
         dense = [r["dense_top1"] for r in rows]
         if dense:
             ax.axhline(100 * statistics.fmean(dense), color="gray", ls="--", lw=1, label="dense")
-        ax.set_xlabel(f"{label} reduction (%)")
+        ax.set_xlabel(f"{label} reduction (%)" + (" — zero weights skipped" if axis == "flops_reduction" else ""))
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("top-1 (%)")
     axes[1].legend(fontsize=8, loc="lower left")
