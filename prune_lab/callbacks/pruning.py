@@ -86,6 +86,7 @@ class MaskUpdate(L.Callback):
                 masks.set(n, keep)
         if self.importance.needs_grad:
             model.zero_grad(set_to_none=True)
+        masks.broadcast(src=0)
         masks.apply()
 
     def _update_channels(self, pl_module, sparsity: float) -> None:
@@ -109,3 +110,9 @@ class MaskUpdate(L.Callback):
         pl_module.model.zero_grad(set_to_none=True)
         with torch.enable_grad():
             F.cross_entropy(pl_module.model(x), y).backward()
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():  # score on the global batch's gradient
+            for p in pl_module.model.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= dist.get_world_size()

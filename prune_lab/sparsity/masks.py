@@ -123,6 +123,23 @@ class MaskSet(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
         self.active = {n for n in self._params if n in self and not bool(self[n].all())}
 
+    # -- distributed -----------------------------------------------------------------------
+    @torch.no_grad()
+    def broadcast(self, src: int = 0) -> None:
+        """Make every rank hold rank `src`'s masks and channel plan (no-op outside DDP).
+
+        Decisions are already computed from identical inputs on every rank; broadcasting makes
+        identity a guarantee rather than a consequence of that.
+        """
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        for key, buf in self.named_buffers():
+            as_bytes = buf.to(torch.uint8)  # gloo cannot broadcast bool tensors
+            dist.broadcast(as_bytes, src)
+            buf.copy_(as_bytes.to(buf.dtype))
+        self.active = {n for n in self._params if n in self and not bool(self[n].all())}
+
     # -- reading ------------------------------------------------------------------------
     def density(self) -> dict[str, float]:
         """Fraction of nonzero entries per prunable weight (read from the weights, not the masks)."""
