@@ -28,11 +28,23 @@ def deployable(model: nn.Module, masks: MaskSet, example_input: torch.Tensor) ->
     plan = masks.channel_plan
     if plan:
         final = shrink(final, {k: v.cpu() for k, v in plan.items()}, example_input.cpu())
+    remove_modules(final, masks.removed)
     return final.eval()
 
 
+def remove_modules(model: nn.Module, names: list[str]) -> None:
+    """Replace the named modules by identities (residual blocks a subnet skips)."""
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if isinstance(parent, nn.Sequential):
+            parent[int(child)] = nn.Identity()
+        else:
+            setattr(parent, child, nn.Identity())
+
+
 def save_model(run_dir: Path, model: nn.Module, spec: dict, plan: dict[str, torch.Tensor],
-               example_input: torch.Tensor) -> None:
+               example_input: torch.Tensor, removed: list[str] = ()) -> None:
     run_dir = Path(run_dir)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(run_dir / "model.safetensors"))
@@ -43,6 +55,7 @@ def save_model(run_dir: Path, model: nn.Module, spec: dict, plan: dict[str, torc
         # channels each group keeps, by root module (original indices); empty when unstructured
         "channel_plan": {root: keep.nonzero().flatten().tolist() for root, keep in plan.items()},
         "channel_sizes": {root: int(keep.numel()) for root, keep in plan.items()},
+        "removed_modules": list(removed),
         "layers": {n: list(p.shape) for n, p in model.named_parameters()},
     }
     (run_dir / "model.json").write_text(json.dumps(meta, indent=1))
@@ -64,5 +77,6 @@ def load_model(run_dir: str | Path) -> nn.Module:
             keep[kept] = True
             plan[root] = keep
         model = shrink(model, plan, torch.zeros(1, *meta["input_shape"]))
+    remove_modules(model, meta.get("removed_modules", []))
     model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
     return model.eval()

@@ -224,6 +224,9 @@ def run(cfg: DictConfig) -> dict:
     example = dm.example_input(1)
     check_structured(cfg, model, example)
     callbacks = [build(c) for c in cfg.method.get("callbacks", {}).values()]
+    for cb in callbacks:  # method-specific requirements on the model, before anything is written
+        if hasattr(cb, "check"):
+            cb.check(model, example)
     run_callbacks = [build(c) for c in cfg.get("callbacks", {}).values()]
     loggers = [build(prepare_wandb(c, cfg) if "WandbLogger" in c._target_ else c)
                for c in (cfg.get("logger") or {}).values()]
@@ -256,7 +259,7 @@ def run(cfg: DictConfig) -> dict:
         x = torch.randn(4, *example.shape[1:], generator=torch.Generator().manual_seed(0))
         export_diff = float((masked(x) - final(x)).abs().max())
     plan = {k: v.cpu() for k, v in module.masks.channel_plan.items()}
-    export.save_model(out_dir, final, model.prune_lab_spec, plan, example.cpu())
+    export.save_model(out_dir, final, model.prune_lab_spec, plan, example.cpu(), module.masks.removed)
 
     dense_costs = {"params": dense["params"], "flops": dense["flops"]}
     pruned = {**pruned_metrics, **report.pruned_costs(dense_model, final, example.cpu(), dense_costs)}
@@ -288,6 +291,9 @@ def run(cfg: DictConfig) -> dict:
                 "lightning": L.__version__,
                 "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"},
     }
+    for cb in callbacks:  # method-specific records (search results, ...) under their own keys
+        if hasattr(cb, "report"):
+            results.update(cb.report())
     report.plot_layers(layers, out_dir / "layers.png",
                        f"{cfg.method.name} {cfg.model.name}/{dm.name} budget={cfg.budget} ({cfg.method.target})")
     publish(loggers, results, out_dir)

@@ -33,6 +33,7 @@ class MaskSet(nn.Module):
 
     PARAM = "m__"
     CHANNEL = "ch__"
+    REMOVED = "rm__"
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -69,7 +70,7 @@ class MaskSet(nn.Module):
         for name in list(self.active):
             self[name].fill_(True)
         self.active.clear()
-        for key in [k for k, _ in self.named_buffers() if k.startswith(self.CHANNEL)]:
+        for key in [k for k, _ in self.named_buffers() if k.startswith((self.CHANNEL, self.REMOVED))]:
             delattr(self, key)
 
     # -- enforcement --------------------------------------------------------------------
@@ -113,10 +114,22 @@ class MaskSet(nn.Module):
         return {names.get(k, k[len(self.CHANNEL):].replace("__", ".")): v
                 for k, v in self.named_buffers() if k.startswith(self.CHANNEL)}
 
+    def set_removed(self, modules: list[str]) -> None:
+        """Modules the deployed model drops entirely (e.g. residual blocks a subnet skips); their
+        parameters should be masked to zero too, so the masked model computes the same."""
+        for key in [k for k, _ in self.named_buffers() if k.startswith(self.REMOVED)]:
+            delattr(self, key)
+        for name in modules:
+            self.register_buffer(self.REMOVED + _key(name), torch.ones((), dtype=torch.bool))
+
+    @property
+    def removed(self) -> list[str]:
+        return [k[len(self.REMOVED):].replace("__", ".") for k, _ in self.named_buffers() if k.startswith(self.REMOVED)]
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
-        # Channel-plan buffers exist only after a structured update: create them before loading.
+        # Plan buffers exist only after a structured update: create them before loading.
         for full_key, value in state_dict.items():
-            if full_key.startswith(prefix + self.CHANNEL):
+            if full_key.startswith((prefix + self.CHANNEL, prefix + self.REMOVED)):
                 key = full_key[len(prefix):]
                 if not hasattr(self, key):
                     self.register_buffer(key, torch.empty_like(value))

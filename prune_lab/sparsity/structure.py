@@ -50,6 +50,16 @@ class ChannelGroups:
         self.roots = [names[g[0].dep.target.module] for g in self.groups]
         self.sizes = [len(g[0].idxs) for g in self.groups]
         self._names = names
+        # per group: (module name, "out"|"in", root index of each of the module's indices)
+        self.members = []
+        for g in self.groups:
+            entries = []
+            for item in g:
+                layer = item.dep.target.module
+                if isinstance(layer, nn.Module) and layer in names:
+                    kind = "out" if self.graph.is_out_channel_pruning_fn(item.dep.handler) else "in"
+                    entries.append((names[layer], kind, torch.tensor(item.root_idxs)))
+            self.members.append(entries)
 
     def __len__(self):
         return len(self.groups)
@@ -138,16 +148,9 @@ class FlopsModel:
         for h in hooks:
             h.remove()
         # per group: for each item, the layer, direction and the root index of every local index
-        self.items = []
-        for gi, g in enumerate(groups.groups):
-            entries = []
-            full = groups.graph.get_pruning_group(g[0].dep.target.module, g[0].dep.handler, list(range(groups.sizes[gi])))
-            for item in full:
-                layer = item.dep.target.module
-                if isinstance(layer, ROOT_TYPES) and layer in groups._names:
-                    kind = "out" if groups.graph.is_out_channel_pruning_fn(item.dep.handler) else "in"
-                    entries.append((groups._names[layer], kind, torch.tensor(item.root_idxs)))
-            self.items.append(entries)
+        modules = dict(groups.model.named_modules())
+        self.items = [[(n, kind, idx) for n, kind, idx in members if isinstance(modules[n], ROOT_TYPES)]
+                      for members in groups.members]
         self.roots = groups.roots
 
     def _record(self, name):
@@ -161,7 +164,9 @@ class FlopsModel:
                                          pos=out[0].numel() // m.out_features, dw=False)
         return hook
 
-    def macs(self, plan: dict[str, torch.Tensor] | None = None) -> int:
+    def macs(self, plan: dict[str, torch.Tensor] | None = None, skip: list[str] = ()) -> int:
+        """MACs with the channels of `plan` removed and the modules named in `skip` (and their
+        children) left out entirely."""
         removed = {n: {"out": 0, "in": 0} for n in self.layers}
         for root, entries in zip(self.roots, self.items):
             if plan is None or root not in plan:
@@ -170,7 +175,10 @@ class FlopsModel:
             for name, kind, root_idxs in entries:
                 removed[name][kind] += int(dropped[root_idxs].sum())
         total = 0
+        prefixes = tuple(f"{p}." for p in skip)
         for name, L in self.layers.items():
+            if name.startswith(prefixes):
+                continue
             out = L["out"] - removed[name]["out"]
             if L["dw"]:
                 total += out * L["k"] * L["pos"]
