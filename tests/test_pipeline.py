@@ -102,6 +102,7 @@ BAD = [
     (["method=l1_filter", "model=logreg"], ["l1_filter", "logreg"]),
     (["model.weights=/nonexistent/dense.safetensors"], ["/nonexistent/dense.safetensors"]),
     (["method.distribution=gaussian"], ["gaussian", "uniform", "erk"]),
+    (["method=stp", "model=vgg16"], ["not supported by stp", "ResNet"]),
 ]
 
 

@@ -116,3 +116,24 @@ class MaskUpdate(L.Callback):
                 if p.grad is not None:
                     dist.all_reduce(p.grad)
                     p.grad /= dist.get_world_size()
+
+
+class BNScalePenalty(L.Callback):
+    """Network slimming's sparsity regulariser (Liu et al. 2017): λ·Σ|γ| over BN scales, added to
+    the loss until `until` (fraction of training), when a structured MaskUpdate prunes by |γ|.
+    This is the "suppressed sparsification" paradigm STP argues against: the channels to be
+    dropped are pushed to zero before they are removed."""
+
+    def __init__(self, weight: float = 1e-4, until: float = 0.5):
+        self.weight, self.until = weight, until
+
+    def on_fit_start(self, trainer, pl_module):
+        pl_module.loss_terms.append(self._penalty)
+
+    def _penalty(self, pl_module, batch, logits):
+        trainer = pl_module.trainer
+        if trainer.global_step >= self.until * trainer.estimated_stepping_batches:
+            return logits.new_zeros(())
+        bns = [m.weight for m in pl_module.model.modules()
+               if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.weight is not None]
+        return self.weight * sum(w.abs().sum() for w in bns)

@@ -30,7 +30,8 @@ def build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyG
     was_training = model.training
     model.eval()
     try:
-        return tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
+        with torch.enable_grad():  # torch-pruning traces through autograd
+            return tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
     finally:
         model.train(was_training)
 
