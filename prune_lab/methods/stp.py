@@ -28,6 +28,7 @@ import torch_pruning as tp
 
 from prune_lab.errors import PruneLabError
 from prune_lab.sparsity.bn import frozen_bn_stats, recalibrate_bn
+from prune_lab.sparsity.structure import solve_flops_target
 from prune_lab.sparsity.subnet import DEFAULT_WIDTHS, Arch, SubnetSpace, find_stages
 
 log = logging.getLogger("prune_lab")
@@ -213,16 +214,11 @@ class StimulativeTraining(L.Callback):
             history.append(fitness(population[0]))
         return population[0], history
 
-    def _uniform_width(self) -> Arch:
-        """The ablation without search: full depth, one width for every stage, the smallest
-        reduction that still meets the budget."""
-        full_depth = tuple(self.space.num_blocks)
-        for w in sorted(self.widths, reverse=True):
-            arch = Arch(full_depth, tuple(w for _ in self.space.stages))
-            if self._feasible(arch):
-                return arch
-        raise PruneLabError(f"no uniform width among method.widths={list(self.widths)} lands within "
-                            f"[{self.budget}, {self.budget + self.tolerance}] FLOPs reduction; give finer widths")
+    def _uniform_width(self) -> dict[str, torch.Tensor]:
+        """The ablation without search: full depth and the same fraction of every channel group,
+        solved for the budget (not limited to the width grid), cut in the same importance order."""
+        return solve_flops_target(self.space.groups, self.space.flops, self.channel_scores, self.budget,
+                                  "uniform", tolerance=self.tolerance)
 
     # -- extraction -----------------------------------------------------------------------
     def on_fit_end(self, trainer, pl_module):
@@ -233,27 +229,29 @@ class StimulativeTraining(L.Callback):
         history: list[float] = []
         if self.search:
             arch, history = self.evolve(fitness, random.Random(f"{self.seed}-search"))
+            plan, skipped, described = self.space.channel_plan(arch), self.space.skipped_blocks(arch), arch.as_dict()
+            kd = fitness(arch)
         else:
-            arch = self._uniform_width()
+            plan, skipped, described, kd = self._uniform_width(), [], "uniform width, full depth", float("nan")
         search_s = time.time() - t0
-        self.summary = {"arch": arch.as_dict(), "estimated_flops_reduction": self.space.reduction(arch),
-                        "kd_fitness": fitness(arch), "search_s": search_s, "fitness_history": history,
-                        "kept_dropped_magnitude": self.magnitude_ratio(pl_module, arch),
+        self.summary = {"arch": described, "estimated_flops_reduction":
+                        1 - self.space.flops.macs(plan, skip=skipped) / self.space.dense_macs,
+                        "kd_fitness": kd, "search_s": search_s, "fitness_history": history,
+                        "kept_dropped_magnitude": self.magnitude_ratio(pl_module, plan),
                         "distill": self.distill, "search": self.search, "expansion": self.expansion}
-        self._extract(trainer, pl_module, arch)
+        self._extract(trainer, pl_module, plan, skipped)
         if trainer.is_global_zero:
             out = Path(trainer.default_root_dir)
             out.mkdir(parents=True, exist_ok=True)
             (out / "search.json").write_text(json.dumps(self.summary, indent=2))
-        log.info("stp: subnet %s, FLOPs reduction %.3f, KD fitness %.4f, search %.1f s", arch.as_dict(),
-                 self.summary["estimated_flops_reduction"], self.summary["kd_fitness"], search_s)
+        log.info("stp: subnet %s, FLOPs reduction %.3f, KD fitness %.4f, search %.1f s", described,
+                 self.summary["estimated_flops_reduction"], kd, search_s)
 
     @torch.no_grad()
-    def magnitude_ratio(self, pl_module, arch: Arch) -> dict:
+    def magnitude_ratio(self, pl_module, plan: dict[str, torch.Tensor]) -> dict:
         """Mean |w| of the filters the subnet keeps vs those it drops (width only): the 'relative
         sparsity effect' — large when training made dropped weights relatively small."""
         modules = dict(pl_module.model.named_modules())
-        plan = self.space.channel_plan(arch)
         kept, dropped = [], []
         for root, members in zip(self.space.groups.roots, self.space.groups.members):
             keep = plan[root]
@@ -268,11 +266,9 @@ class StimulativeTraining(L.Callback):
         km, dm = float(k.mean()), (float(d.mean()) if d.numel() else float("nan"))
         return {"kept_mean_abs": km, "dropped_mean_abs": dm, "ratio": km / dm if d.numel() else float("nan")}
 
-    def _extract(self, trainer, pl_module, arch: Arch) -> None:
+    def _extract(self, trainer, pl_module, plan: dict[str, torch.Tensor], skipped: list[str]) -> None:
         """Masks that make the full model compute the subnet; the exporter removes them for real."""
         masks, model = pl_module.masks, pl_module.model
-        plan = self.space.channel_plan(arch)
-        skipped = self.space.skipped_blocks(arch)
         masks.reset()
         for name, keep in self.space.groups.param_masks(plan).items():
             masks.set(name, keep)
