@@ -40,6 +40,7 @@ class MaskSet(nn.Module):
         self._params: dict[str, nn.Parameter] = {}
         self.prunable: list[str] = []
         self.active: set[str] = set()
+        self._cache = None
         self.bind(model)
         for name, p in self._params.items():
             self.register_buffer(self.PARAM + _key(name), torch.ones_like(p, dtype=torch.bool))
@@ -48,6 +49,7 @@ class MaskSet(nn.Module):
         """Point the masks at `model`'s parameters (after a deepcopy or a device move)."""
         self._params = dict(model.named_parameters())
         self.prunable = list(prunable_weights(model))
+        self._cache = None
 
     # -- masks --------------------------------------------------------------------------
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -61,6 +63,7 @@ class MaskSet(nn.Module):
         if mask.shape != buf.shape:
             raise ValueError(f"mask for {name} has shape {tuple(mask.shape)}, expected {tuple(buf.shape)}")
         buf.copy_(mask.to(device=buf.device, dtype=torch.bool))
+        self._cache = None
         if bool(buf.all()):
             self.active.discard(name)
         else:
@@ -70,22 +73,33 @@ class MaskSet(nn.Module):
         for name in list(self.active):
             self[name].fill_(True)
         self.active.clear()
+        self._cache = None
         for key in [k for k, _ in self.named_buffers() if k.startswith((self.CHANNEL, self.REMOVED))]:
             delattr(self, key)
 
     # -- enforcement --------------------------------------------------------------------
+    def _enforced(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Active parameters and their masks in the parameters' dtype, cached until a mask changes:
+        the per-step multiply is then one fused multi-tensor kernel, no bool→float conversions."""
+        if self._cache is None or any(p.device != m.device for p, m in zip(*self._cache)):
+            names = sorted(self.active)
+            params = [self._params[n] for n in names]
+            self._cache = (params, [self[n].to(device=p.device, dtype=p.dtype) for n, p in zip(names, params)])
+        return self._cache
+
     @torch.no_grad()
     def apply(self) -> None:
         """Zero the masked entries of the parameters (after every optimizer step)."""
-        for name in self.active:
-            self._params[name].mul_(self[name])
+        params, masks = self._enforced()
+        if params:
+            torch._foreach_mul_(params, masks)
 
     @torch.no_grad()
     def mask_grads(self) -> None:
-        for name in self.active:
-            g = self._params[name].grad
-            if g is not None:
-                g.mul_(self[name])
+        params, masks = self._enforced()
+        pairs = [(p.grad, m) for p, m in zip(params, masks) if p.grad is not None]
+        if pairs:
+            torch._foreach_mul_([g for g, _ in pairs], [m for _, m in pairs])
 
     @torch.no_grad()
     def mask_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
@@ -135,6 +149,7 @@ class MaskSet(nn.Module):
                     self.register_buffer(key, torch.empty_like(value))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
         self.active = {n for n in self._params if n in self and not bool(self[n].all())}
+        self._cache = None
 
     # -- distributed -----------------------------------------------------------------------
     @torch.no_grad()
@@ -152,6 +167,7 @@ class MaskSet(nn.Module):
             dist.broadcast(as_bytes, src)
             buf.copy_(as_bytes.to(buf.dtype))
         self.active = {n for n in self._params if n in self and not bool(self[n].all())}
+        self._cache = None
 
     # -- reading ------------------------------------------------------------------------
     def density(self) -> dict[str, float]:

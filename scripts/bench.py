@@ -1,0 +1,266 @@
+"""Benchmarks: what prune_lab costs on top of dense training, and what its pruned models gain.
+
+    python scripts/bench.py --quick --out bench.json     # < 5 min on 2 CPU cores
+    python scripts/bench.py --out bench.json             # full: more repeats, ResNet-50 training too
+
+Every figure is a ratio against a baseline measured in the same process, from medians over
+interleaved repeats (dense, masked, dense, masked, ...), so slow drift of the machine cancels.
+Keys (issue 8 contract): train_overhead_ratio, update_cost_fraction, speedup_fraction_of_ideal,
+torch_pruning_speedup_fraction_of_ideal, peak_memory_ratio, plus search costs and details.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torch_pruning as tp
+import torchvision
+
+from prune_lab.models import classifier_of, create_model
+from prune_lab.sparsity import (ChannelGroups, FlopsModel, MaskSet, count_flops, masks_from_scores, prunable_weights,
+                                shrink, solve_flops_target)
+from prune_lab.sparsity.importance import Magnitude
+
+
+def timed(fn, sync) -> float:
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t0
+
+
+def sparse_masks(model, sparsity: float) -> MaskSet:
+    masks = MaskSet(model)
+    scores = {n: p.detach().abs() for n, p in prunable_weights(model).items()}
+    for n, keep in masks_from_scores(scores, sparsity, "erk").items():
+        masks.set(n, keep)
+    masks.apply()
+    return masks
+
+
+def train_overhead(name: str, model, x, y, steps: int, rounds: int, sync) -> dict:
+    """Masked training step (masks on gradients and weights every step) vs the dense step."""
+    dense, masked = model, copy.deepcopy(model)
+    masks = sparse_masks(masked, 0.9)
+    opts = {id(m): torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4) for m in (dense, masked)}
+
+    def step(m, enforce):
+        opt = opts[id(m)]
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(m(x), y).backward()
+        if enforce:
+            masks.mask_grads()
+        opt.step()
+        if enforce:
+            masks.apply()
+
+    for m, e in ((dense, False), (masked, True)):  # warm-up
+        step(m, e)
+    t_dense, t_masked = [], []
+    for _ in range(rounds):
+        t_dense.append(timed(lambda: [step(dense, False) for _ in range(steps)], sync) / steps)
+        t_masked.append(timed(lambda: [step(masked, True) for _ in range(steps)], sync) / steps)
+    d, m = statistics.median(t_dense), statistics.median(t_masked)
+    return {"model": name, "batch": len(x), "dense_step_ms": 1e3 * d, "masked_step_ms": 1e3 * m, "ratio": m / d}
+
+
+def update_cost(model, x, y, period: int, sync) -> dict:
+    """One structural mask update (magnitude scores + ERK masks + apply), amortised over `period`
+    training steps, as a fraction of the training time of those steps."""
+    masks = MaskSet(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    def update():
+        params = {n: p for n, p in model.named_parameters() if n in masks.prunable}
+        scores = Magnitude().weight_scores(params)
+        for n, keep in masks_from_scores(scores, 0.9, "erk").items():
+            masks.set(n, keep)
+        masks.mask_optimizer_state(opt)
+        masks.apply()
+
+    step()
+    update()
+    t_step = statistics.median(timed(step, sync) for _ in range(5))
+    t_update = statistics.median(timed(update, sync) for _ in range(5))
+    return {"update_ms": 1e3 * t_update, "step_ms": 1e3 * t_step, "period_steps": period,
+            "fraction": t_update / (t_update + period * t_step)}
+
+
+def latency(model, x, repeats: int) -> float:
+    model.eval()
+    with torch.no_grad():
+        model(x)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def torch_pruning_uniform(model, x, target: float):
+    """torch-pruning's own uniform pruning (MagnitudePruner, one ratio for every layer), the ratio
+    bisected so the FLOPs reduction matches ours."""
+    base = count_flops(model, x)
+    lo, hi, best = 0.0, 0.99, None
+    for _ in range(12):
+        ratio = (lo + hi) / 2
+        m = copy.deepcopy(model)
+        pruner = tp.pruner.MagnitudePruner(m, x, importance=tp.importance.GroupMagnitudeImportance(p=1),
+                                           pruning_ratio=ratio, ignored_layers=[classifier_of(m)[1]])
+        pruner.step()
+        red = 1 - count_flops(m, x) / base
+        if best is None or abs(red - target) < abs(best[1] - target):
+            best = (m, red, ratio)
+        lo, hi = (ratio, hi) if red < target else (lo, ratio)
+    return best
+
+
+def realized_speedup(target: float, batch: int, size: int, repeats: int, round_to: int) -> dict:
+    model = torchvision.models.resnet50(num_classes=1000).eval()
+    x1 = torch.randn(1, 3, size, size)
+    groups = ChannelGroups(model, x1, ignored=[model.fc])
+    flops = FlopsModel(groups, x1)
+    scores = groups.scores(Magnitude(p=1).channel_scorer())
+    plan = solve_flops_target(groups, flops, scores, target, "uniform", round_to=round_to)
+    ours = shrink(model, plan, x1).eval()
+    tpm, tp_red, tp_ratio = torch_pruning_uniform(model, x1, target)
+    xb = torch.randn(batch, 3, size, size)
+    dense_flops = count_flops(model, x1)
+    out = {"batch": batch, "input": size, "target": target}
+    lat = {"dense": [], "ours": [], "tp": []}
+    for _ in range(repeats):  # interleaved
+        for key, m in (("dense", model), ("ours", ours), ("tp", tpm)):
+            lat[key].append(latency(m, xb, 1))
+    for key, m in (("ours", ours), ("tp", tpm)):
+        ideal = dense_flops / count_flops(m, x1)
+        measured = statistics.median(lat["dense"]) / statistics.median(lat[key])
+        out[key] = {"flops_reduction": 1 - 1 / ideal, "ideal_speedup": ideal, "measured_speedup": measured,
+                    "fraction_of_ideal": measured / ideal, "latency_ms": 1e3 * statistics.median(lat[key])}
+    out["dense_latency_ms"] = 1e3 * statistics.median(lat["dense"])
+    out["tp"]["pruning_ratio"] = tp_ratio
+    return out
+
+
+PEAK_CHILD = """
+import sys, torch, torch.nn.functional as F
+sys.path.insert(0, {root!r})
+from prune_lab.models import create_model
+from scripts.bench import sparse_masks
+torch.manual_seed(0)
+m = create_model('resnet20', num_classes=10); x = torch.randn({batch}, 3, 32, 32); y = torch.randint(0, 10, ({batch},))
+masks = sparse_masks(m, 0.9) if {masked} else None
+opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
+for _ in range(3):
+    opt.zero_grad(); F.cross_entropy(m(x), y).backward()
+    if masks: masks.mask_grads()
+    opt.step()
+    if masks: masks.apply()
+print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])
+"""
+
+
+def peak_memory(batch: int) -> dict:
+    """Peak resident memory of a fresh process training ResNet-20 dense vs masked (CPU; on a GPU
+    the same comparison would read torch.cuda.max_memory_allocated)."""
+    root = str(Path(__file__).resolve().parent.parent)
+    kb = {}
+    for masked in (False, True):
+        code = PEAK_CHILD.format(root=root, batch=batch, masked=masked)
+        kb[masked] = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                        check=True, cwd=root).stdout.split()[-1])
+    return {"dense_kb": kb[False], "masked_kb": kb[True], "ratio": kb[True] / kb[False]}
+
+
+def stp_search_cost(evals: int) -> dict:
+    from prune_lab.sparsity.bn import frozen_bn_stats
+    from prune_lab.sparsity.subnet import SubnetSpace
+    import random
+
+    model = create_model("resnet56", num_classes=10).train()
+    x = torch.randn(256, 3, 32, 32)
+    space = SubnetSpace(model, x[:1], ignored=[model.fc])
+    rng = random.Random(0)
+    archs = [space.random(rng) for _ in range(evals)]
+    with torch.no_grad(), frozen_bn_stats(model):
+        full = model(x)
+        t0 = time.perf_counter()
+        for a in archs:
+            with space.activate(a):
+                F.kl_div(F.log_softmax(model(x), 1), F.softmax(full, 1), reduction="batchmean")
+        per_eval = (time.perf_counter() - t0) / evals
+    return {"model": "resnet56", "images": len(x), "seconds_per_fitness_eval": per_eval}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", type=Path, default=Path("bench.json"))
+    ap.add_argument("--round-to", type=int, default=8, help="kept channels rounded to this multiple")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    quick = args.quick
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    t_start = time.time()
+    res: dict = {"env": {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor(),
+                         "device": "cpu", "quick": quick}}
+    r20 = create_model("resnet20", num_classes=10)
+    x, y = torch.randn(64 if quick else 128, 3, 32, 32), torch.randint(0, 10, (64 if quick else 128,))
+    res["train_overhead"] = [train_overhead("resnet20", r20, x, y, steps=5, rounds=5 if quick else 9, sync=sync)]
+    if not quick:
+        r50 = torchvision.models.resnet50(num_classes=1000)
+        xi, yi = torch.randn(16, 3, 224, 224), torch.randint(0, 1000, (16,))
+        res["train_overhead"].append(train_overhead("resnet50", r50, xi, yi, steps=2, rounds=5, sync=sync))
+    res["train_overhead_ratio"] = res["train_overhead"][0]["ratio"]
+    res["update_cost"] = update_cost(create_model("resnet20", num_classes=10), x, y, period=100, sync=sync)
+    res["update_cost_fraction"] = res["update_cost"]["fraction"]
+    res["speedup"] = realized_speedup(0.85, batch=16, size=224, repeats=5 if quick else 15, round_to=args.round_to)
+    res["speedup_fraction_of_ideal"] = res["speedup"]["ours"]["fraction_of_ideal"]
+    res["torch_pruning_speedup_fraction_of_ideal"] = res["speedup"]["tp"]["fraction_of_ideal"]
+    res["peak_memory"] = peak_memory(64 if quick else 128)
+    res["peak_memory_ratio"] = res["peak_memory"]["ratio"]
+    res["stp_search"] = stp_search_cost(10 if quick else 40)
+    res["wall_s"] = time.time() - t_start
+    args.out.write_text(json.dumps(res, indent=2))
+
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"prune_lab benchmarks ({'quick' if quick else 'full'}, {res['env']['threads']} threads)")
+    t.add_column("measure")
+    t.add_column("value", justify="right")
+    t.add_column("goal", justify="right")
+    for o in res["train_overhead"]:
+        t.add_row(f"training step, masked / dense ({o['model']}, batch {o['batch']})", f"{o['ratio']:.3f}x", "≤ 1.05x")
+    t.add_row("mask update amortised over 100 steps", f"{100 * res['update_cost_fraction']:.2f} %", "≤ 2 %")
+    s = res["speedup"]
+    t.add_row(f"ResNet-50 -85 % FLOPs, CPU batch 16: measured/ideal speed-up (ours, round_to={args.round_to})",
+              f"{s['ours']['measured_speedup']:.2f}/{s['ours']['ideal_speedup']:.2f} = {s['ours']['fraction_of_ideal']:.2f}",
+              "≥ 0.90")
+    t.add_row("  same, torch-pruning uniform MagnitudePruner",
+              f"{s['tp']['measured_speedup']:.2f}/{s['tp']['ideal_speedup']:.2f} = {s['tp']['fraction_of_ideal']:.2f}", "")
+    t.add_row("peak memory, masked / dense training", f"{res['peak_memory_ratio']:.3f}x", "")
+    t.add_row("STP search: one KD fitness evaluation (ResNet-56, 256 images)",
+              f"{1e3 * res['stp_search']['seconds_per_fitness_eval']:.0f} ms", "")
+    Console().print(t)
+    print(f"wrote {args.out} in {res['wall_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
