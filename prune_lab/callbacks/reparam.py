@@ -33,9 +33,15 @@ class LinearExpansion(L.Callback):
         seed: seed of the random outer factors; a private generator, so expanding does not shift
             the global random stream (data order stays that of the unexpanded run).
         skip: module names left unexpanded.
+        compute: "collapsed" (compose B·K·A each step, run one conv: same function and gradients,
+            far cheaper) or "chain" (run the three layers); see `prune_lab.sparsity.reparam`.
     """
 
-    def __init__(self, ratio: int = 4, enabled: bool = True, seed: int = 0, skip: list[str] | tuple = ()):
+    def __init__(self, ratio: int = 4, enabled: bool = True, seed: int = 0, skip: list[str] | tuple = (),
+                 compute: str = "collapsed"):
+        if compute not in ("collapsed", "chain"):
+            raise PruneLabError(f"expansion compute='{compute}' is not one of: collapsed, chain")
+        self.compute = compute
         if int(ratio) < 1:
             raise PruneLabError(f"expansion ratio={ratio} must be an integer >= 1")
         self.ratio, self.enabled, self.seed, self.skip = int(ratio), bool(enabled), int(seed), tuple(skip or ())
@@ -50,7 +56,7 @@ class LinearExpansion(L.Callback):
                                 "(a merge would not keep them); use structured pruning with shrink_at_start: true")
         generator = torch.Generator().manual_seed(self.seed)
         before = sum(p.numel() for p in pl_module.model.parameters())
-        self.expanded = expand_layers(pl_module.model, self.ratio, generator, self.skip)
+        self.expanded = expand_layers(pl_module.model, self.ratio, generator, self.skip, self.compute)
         pl_module.rebind()
         after = sum(p.numel() for p in pl_module.model.parameters())
         log.info("linear expansion (r=%d): %d layers, %d → %d trainable parameters", self.ratio, len(self.expanded),

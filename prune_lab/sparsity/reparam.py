@@ -11,6 +11,12 @@ B (C_out × r·C_out) has full row rank and a random A (r·C_in × C_in) full co
 Why not identity-plus-zeros: with A = [I; 0] and B = [I, 0] the extra rows and columns of K get
 exactly zero gradient forever and the chain never leaves the compact solution's parameter space.
 
+Computing the forward (`compute`): "chain" runs the three layers one after the other; "collapsed"
+(the default) composes the kernel W(A, K, B) = B·K·A on every forward (differentiably) and runs
+one conv of the original shape. The two are the same function of the same parameters (the chain is
+linear), so the gradients of A, K and B are the same too, up to float rounding (tests check it);
+"collapsed" costs one small weight product per step instead of r² times the conv's MACs.
+
 Padding commutes with the first 1×1 (any padding mode acts per channel, and A·0 = 0 without a
 bias), so the chain matches the original conv at the borders too. Grouped and depthwise convs are
 expanded per group: every factor is a grouped conv with the same number of groups, so group g of
@@ -21,6 +27,7 @@ Pure torch; no Lightning.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -35,16 +42,21 @@ def _init_factors(w: torch.Tensor, ratio: int, generator: torch.Generator | None
     return a, k, b
 
 
-def _merge_factors(a: torch.Tensor, k: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """W = B · K · A per tap (float64 so the merge adds no error beyond the final cast)."""
-    return torch.einsum("op,pq...,qi->oi...", b.double(), k.double(), a.double())
+def _compose(a: torch.Tensor, k: torch.Tensor, b: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """W = B · K · A per tap and per group; a: (r·in, in/g), k: (r·out, r·in/g, *taps), b: (out, r·out/g)."""
+    parts = zip(a.chunk(groups), k.chunk(groups), b.chunk(groups))
+    return torch.cat([torch.einsum("op,pq...,qi->oi...", bb, kk, aa) for aa, kk, bb in parts])
 
 
 class ExpandedConv2d(nn.Module):
     """1×1 → k×k → 1×1 chain equivalent to one Conv2d; `merge()` returns that Conv2d."""
 
-    def __init__(self, conv: nn.Conv2d, ratio: int = 4, generator: torch.Generator | None = None):
+    def __init__(self, conv: nn.Conv2d, ratio: int = 4, generator: torch.Generator | None = None,
+                 compute: str = "collapsed"):
         super().__init__()
+        if compute not in ("collapsed", "chain"):
+            raise ValueError(f"compute must be 'collapsed' or 'chain', got {compute!r}")
+        self.compute = compute
         g, (c_out, c_in) = conv.groups, (conv.out_channels, conv.in_channels)
         kw = dict(device=conv.weight.device, dtype=conv.weight.dtype)
         self.a = nn.Conv2d(c_in, ratio * c_in, 1, groups=g, bias=False, **kw)
@@ -63,7 +75,10 @@ class ExpandedConv2d(nn.Module):
                 self.b.bias.copy_(conv.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.b(self.k(self.a(x)))
+        if self.compute == "chain":
+            return self.b(self.k(self.a(x)))
+        w = _compose(self.a.weight.flatten(1), self.k.weight, self.b.weight.flatten(1), self.k.groups)
+        return self.k._conv_forward(x, w, self.b.bias)  # k's stride, padding (mode), dilation, groups
 
     @torch.no_grad()
     def merge(self) -> nn.Conv2d:
@@ -71,9 +86,9 @@ class ExpandedConv2d(nn.Module):
         conv = nn.Conv2d(self.a.in_channels, self.b.out_channels, k.kernel_size, stride=k.stride, padding=k.padding,
                          dilation=k.dilation, groups=k.groups, bias=self.b.bias is not None,
                          padding_mode=k.padding_mode, device=k.weight.device, dtype=k.weight.dtype)
-        g = k.groups
-        parts = zip(self.a.weight.flatten(1).chunk(g), k.weight.chunk(g), self.b.weight.flatten(1).chunk(g))
-        conv.weight.copy_(torch.cat([_merge_factors(a, kk, b) for a, kk, b in parts]).to(conv.weight.dtype))
+        # float64, so the merge adds no error beyond the final cast
+        w = _compose(self.a.weight.flatten(1).double(), k.weight.double(), self.b.weight.flatten(1).double(), k.groups)
+        conv.weight.copy_(w.to(conv.weight.dtype))
         if self.b.bias is not None:
             conv.bias.copy_(self.b.bias)
         return conv
@@ -82,8 +97,12 @@ class ExpandedConv2d(nn.Module):
 class ExpandedLinear(nn.Module):
     """Linear → Linear → Linear chain equivalent to one Linear; `merge()` returns that Linear."""
 
-    def __init__(self, linear: nn.Linear, ratio: int = 4, generator: torch.Generator | None = None):
+    def __init__(self, linear: nn.Linear, ratio: int = 4, generator: torch.Generator | None = None,
+                 compute: str = "collapsed"):
         super().__init__()
+        if compute not in ("collapsed", "chain"):
+            raise ValueError(f"compute must be 'collapsed' or 'chain', got {compute!r}")
+        self.compute = compute
         n_in, n_out = linear.in_features, linear.out_features
         kw = dict(device=linear.weight.device, dtype=linear.weight.dtype)
         self.a = nn.Linear(n_in, ratio * n_in, bias=False, **kw)
@@ -98,14 +117,16 @@ class ExpandedLinear(nn.Module):
                 self.b.bias.copy_(linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.b(self.k(self.a(x)))
+        if self.compute == "chain":
+            return self.b(self.k(self.a(x)))
+        return F.linear(x, self.b.weight @ self.k.weight @ self.a.weight, self.b.bias)
 
     @torch.no_grad()
     def merge(self) -> nn.Linear:
         w = self.k.weight
         linear = nn.Linear(self.a.in_features, self.b.out_features, bias=self.b.bias is not None,
                            device=w.device, dtype=w.dtype)
-        linear.weight.copy_(_merge_factors(self.a.weight, w, self.b.weight).to(w.dtype))
+        linear.weight.copy_(_compose(self.a.weight.double(), w.double(), self.b.weight.double()).to(w.dtype))
         if self.b.bias is not None:
             linear.bias.copy_(self.b.bias)
         return linear
@@ -120,10 +141,11 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def expand_layers(model: nn.Module, ratio: int = 4, generator: torch.Generator | None = None,
-                  skip: tuple[str, ...] = ()) -> list[str]:
+                  skip: tuple[str, ...] = (), compute: str = "collapsed") -> list[str]:
     """Replace every Conv2d and Linear of `model` (in place) by its expanded chain; returns their names.
 
     `skip`: module names left as they are. Layers that are already chains are not expanded again.
+    `compute`: how the chains run their forward ("collapsed" or "chain", see the module docstring).
     """
     if ratio < 1:
         raise ValueError(f"expansion ratio must be >= 1, got {ratio}")
@@ -134,7 +156,7 @@ def expand_layers(model: nn.Module, ratio: int = 4, generator: torch.Generator |
         raise ValueError("cannot expand a bare layer in place; wrap it or use ExpandedConv2d/ExpandedLinear")
     for name, layer in targets:
         chain = ExpandedConv2d if isinstance(layer, nn.Conv2d) else ExpandedLinear
-        _replace(model, name, chain(layer, ratio, generator).train(layer.training))
+        _replace(model, name, chain(layer, ratio, generator, compute).train(layer.training))
     return [n for n, _ in targets]
 
 
