@@ -26,7 +26,7 @@ def deployable(model: nn.Module, masks: MaskSet, example_input: torch.Tensor) ->
             if name in masks.active:
                 p.mul_(masks[name].cpu())
     plan = masks.channel_plan
-    if plan:
+    if plan and not masks.plan_applied:  # a model shrunk during training is not shrunk twice
         final = shrink(final, {k: v.cpu() for k, v in plan.items()}, example_input.cpu())
     remove_modules(final, masks.removed)
     return final.eval()

@@ -58,6 +58,20 @@ class PruneLabModule(L.LightningModule):
     def teacher(self, model: nn.Module | None) -> None:
         self._teacher = [] if model is None else [model.requires_grad_(False)]
 
+    def __setattr__(self, name, value):
+        # nn.Module.__setattr__ registers any Module value as a submodule and never reaches the
+        # property setter, which would put the teacher into state_dict and leave the slot empty
+        if name == "teacher":
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def rebind(self) -> None:
+        """Re-point masks and classifier at `self.model` after a callback replaced or restructured
+        it (physical shrink, expansion, merge): both hold references to the old modules."""
+        self.masks.bind(self.model)
+        self.classifier_name, self.classifier = classifier_of(self.model)
+
     def forward(self, x):
         return self.model(x)
 

@@ -241,6 +241,7 @@ def run(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = PruneLabModule(model, dm.num_classes, example, build(cfg.module.optimizer), build(cfg.module.scheduler),
                             cfg.module.get("label_smoothing", 0.0))
+    module.teacher = copy.deepcopy(dense_model)  # the frozen dense reference, for distillation callbacks
     trainer = build(cfg.trainer, callbacks=callbacks + run_callbacks, logger=loggers or False)
     t_fit = time.time()
     if cfg.method.get("train", True):

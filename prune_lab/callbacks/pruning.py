@@ -4,6 +4,12 @@ One callback serves one-shot and gradual, unstructured (`target: params`) and st
 (`target: flops`) methods; what differs is given as objects: an `Importance`, a distribution
 name, a schedule. Masks live in the module's `MaskSet` (`pl_module.masks`), so every other
 callback sees them and checkpoints carry them.
+
+`shrink_at_start` (structured one-shot only): prune in `setup`, before the optimizer exists, and
+replace the module's model by the physically shrunk copy, so fine-tuning (and any callback that
+restructures the network, such as linear expansion) acts on the compact network. On resume
+`setup` runs again before Lightning loads the checkpoint: the plan is recomputed from the same
+dense weights, so the shrunk shapes match the checkpoint's.
 """
 from __future__ import annotations
 
@@ -12,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from prune_lab.errors import PruneLabError
-from prune_lab.sparsity import (ChannelGroups, FlopsModel, OneShot, build_importance, masks_from_scores,
-                                solve_flops_target)
+from prune_lab.sparsity import (ChannelGroups, FlopsModel, MaskSet, OneShot, build_importance, masks_from_scores,
+                                shrink, solve_flops_target)
 from prune_lab.sparsity.allocation import DISTRIBUTIONS
 
 
@@ -28,10 +34,12 @@ class MaskUpdate(L.Callback):
         schedule: `OneShot()` (default) or `Cubic(...)`.
         round_to: structured only: kept channels rounded to a multiple (hardware friendly).
         tolerance: structured only: allowed |achieved − budget| of the FLOPs reduction.
+        shrink_at_start: structured one-shot only: prune at fit start and train the physically
+            shrunk model instead of a masked full-size one.
     """
 
     def __init__(self, budget: float, target: str = "params", importance="magnitude", distribution: str = "uniform",
-                 schedule=None, round_to: int = 1, tolerance: float = 0.02):
+                 schedule=None, round_to: int = 1, tolerance: float = 0.02, shrink_at_start: bool = False):
         if target not in ("params", "flops"):
             raise PruneLabError(f"unknown target '{target}'; choose one of: params, flops")
         allowed = DISTRIBUTIONS if target == "params" else ("uniform", "global")
@@ -43,12 +51,20 @@ class MaskUpdate(L.Callback):
         self.schedule = schedule or OneShot()
         self.round_to, self.tolerance = round_to, tolerance
         self.last_update_step = -1
+        if shrink_at_start and (target != "flops" or not isinstance(self.schedule, OneShot) or self.schedule.at != 0):
+            raise PruneLabError("shrink_at_start needs structured pruning (target: flops) with a one-shot "
+                                "schedule at the start (OneShot(at=0))")
+        self.shrink_at_start = shrink_at_start
 
     @property
     def structured(self) -> bool:
         return self.target == "flops"
 
     # -- Lightning hooks ----------------------------------------------------------------
+    def setup(self, trainer, pl_module, stage):
+        if stage == "fit" and self.shrink_at_start:
+            self.prune_and_shrink(trainer, pl_module)
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         step, total = trainer.global_step, max(int(trainer.estimated_stepping_batches), 1)
         if step != self.last_update_step and self.schedule.is_update(step, total):
@@ -88,6 +104,23 @@ class MaskUpdate(L.Callback):
             model.zero_grad(set_to_none=True)
         masks.broadcast(src=0)
         masks.apply()
+
+    def prune_and_shrink(self, trainer, pl_module) -> None:
+        """One-shot structured pruning to the budget, then swap in the physically shrunk model."""
+        # on the training device: a gradient criterion's batch and an NCCL mask broadcast need it
+        pl_module.to(trainer.strategy.root_device)
+        batch = None
+        if self.importance.needs_grad:
+            x, y = next(iter(trainer.datamodule.train_dataloader()))
+            batch = (x.to(pl_module.device), y.to(pl_module.device))
+        self.update(pl_module, batch, self.budget)
+        plan = {k: v.clone() for k, v in pl_module.masks.channel_plan.items()}
+        small = shrink(pl_module.model, plan, pl_module.example_input)
+        pl_module.model = small
+        pl_module.masks = MaskSet(small).to(pl_module.device)  # nothing left to mask: the channels are gone
+        pl_module.masks.set_channel_plan(plan, applied=True)   # kept for export's model.json
+        pl_module.rebind()
+        self.last_update_step = 0  # the one-shot update is done; on_train_batch_start must not redo it
 
     def _update_channels(self, pl_module, sparsity: float) -> None:
         model, masks = pl_module.model, pl_module.masks

@@ -4,7 +4,9 @@ A mask exists for every parameter (all ones at first). Only masks that are not a
 *active* and get enforced, so a dense run pays nothing. The budget of `target: params` methods
 counts the weights of conv and linear layers (`prunable_weights`), stem and classifier included.
 Structured methods additionally record a channel plan: for each dependency-group root, which
-output channels are kept; it is what the exporter replays to shrink the model physically.
+output channels are kept; it is what the exporter replays to shrink the model physically. When a
+callback has already shrunk the bound model by that plan (`plan_applied`), the plan stays here
+only to describe the result relative to the full architecture (`model.json`), not to be replayed.
 """
 from __future__ import annotations
 
@@ -41,6 +43,9 @@ class MaskSet(nn.Module):
         self.prunable: list[str] = []
         self.active: set[str] = set()
         self._cache = None
+        # True when the bound model is already physically shrunk by `channel_plan`; not a buffer:
+        # whoever shrinks (MaskUpdate in `setup`) sets it again on resume, before weights load
+        self.plan_applied = False
         self.bind(model)
         for name, p in self._params.items():
             self.register_buffer(self.PARAM + _key(name), torch.ones_like(p, dtype=torch.bool))
@@ -76,6 +81,7 @@ class MaskSet(nn.Module):
         self._cache = None
         for key in [k for k, _ in self.named_buffers() if k.startswith((self.CHANNEL, self.REMOVED))]:
             delattr(self, key)
+        self.plan_applied = False
 
     # -- enforcement --------------------------------------------------------------------
     def _enforced(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -114,8 +120,12 @@ class MaskSet(nn.Module):
                     v.mul_(self[name])
 
     # -- channel plan (structured methods) ------------------------------------------------
-    def set_channel_plan(self, plan: dict[str, torch.Tensor]) -> None:
-        """`plan[root_module_name]` is a bool vector over the root's output channels (True = kept)."""
+    def set_channel_plan(self, plan: dict[str, torch.Tensor], applied: bool = False) -> None:
+        """`plan[root_module_name]` is a bool vector over the root's output channels (True = kept).
+
+        `applied`: the bound model is already physically shrunk by this plan (see `plan_applied`).
+        """
+        self.plan_applied = applied
         for key in [k for k, _ in self.named_buffers() if k.startswith(self.CHANNEL)]:
             delattr(self, key)
         for root, keep in plan.items():
