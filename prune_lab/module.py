@@ -45,6 +45,8 @@ class PruneLabModule(L.LightningModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.label_smoothing = label_smoothing
         self.loss_terms: list[Callable] = []
+        # weight of the label cross-entropy; a callback may set 0 (UniPTS's objective uses no labels)
+        self.label_loss_weight = 1.0
         self._teacher: list[nn.Module] = []  # a list keeps the teacher out of state_dict and .parameters()
         self.metrics = nn.ModuleDict({f"{stage}_{k}": _accuracy(num_classes, k)
                                       for stage in ("val", "test") for k in (1, 5)})
@@ -78,8 +80,9 @@ class PruneLabModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         x, y = batch
         logits = self(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
-        self.log("train/ce", loss, on_step=False, on_epoch=True, sync_dist=True)
+        ce = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        self.log("train/ce", ce, on_step=False, on_epoch=True, sync_dist=True)
+        loss = ce if self.label_loss_weight == 1.0 else self.label_loss_weight * ce
         for term in self.loss_terms:
             loss = loss + term(self, batch, logits)
         self.log("train/loss", loss, prog_bar=True, on_step=False, on_epoch=True, sync_dist=True)

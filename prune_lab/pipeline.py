@@ -92,7 +92,8 @@ def check_structured(cfg, model, example) -> None:
 # -- the dense reference ----------------------------------------------------------------
 def dense_key(cfg: DictConfig) -> str:
     """Identifies a dense model: architecture, data, recipe and seed (not paths or workers)."""
-    skip = {"root", "num_workers", "eval_batch_size", "download"}
+    # calibration_size only restricts what a post-training method sees; the dense model uses all data
+    skip = {"root", "num_workers", "eval_batch_size", "download", "calibration_size"}
     data = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k not in skip}
     model = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "weights"}
     module = OmegaConf.to_container(cfg.module, resolve=True)
@@ -120,6 +121,8 @@ def dense_reference(cfg: DictConfig, dm, model: torch.nn.Module, example: torch.
         return {"state_dict": load_file(str(cache / "model.safetensors")), **meta}
     log.info("dense reference: training %s on %s for %d epochs (cached for later runs)",
              cfg.model.name, dm.name, cfg.dense.epochs)
+    if getattr(dm, "calibration_size", None) is not None:  # the dense model trains on the whole train set
+        dm = build(cfg.data, calibration_size=None)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     dense_model = copy.deepcopy(model)
     optimizer = build(cfg.module.optimizer, lr=cfg.dense.lr)
@@ -227,6 +230,9 @@ def run(cfg: DictConfig) -> dict:
     for cb in callbacks:  # method-specific requirements on the model, before anything is written
         if hasattr(cb, "check"):
             cb.check(model, example)
+    # steps a method takes once before training, or instead of it (train: false): one-shot pruning,
+    # BN re-estimation, layer-wise reconstruction; each is called as step(module, datamodule, trainer)
+    prepare = [build(s) for s in (cfg.method.get("prepare") or {}).values()]
     run_callbacks = [build(c) for c in cfg.get("callbacks", {}).values()]
     loggers = [build(prepare_wandb(c, cfg) if "WandbLogger" in c._target_ else c)
                for c in (cfg.get("logger") or {}).values()]
@@ -244,6 +250,9 @@ def run(cfg: DictConfig) -> dict:
     module.teacher = copy.deepcopy(dense_model)  # the frozen dense reference, for distillation callbacks
     trainer = build(cfg.trainer, callbacks=callbacks + run_callbacks, logger=loggers or False)
     t_fit = time.time()
+    if cfg.ckpt_path is None:  # a resumed run has done them: their effect is in the checkpoint
+        for step in prepare:
+            step(module, dm, trainer)
     if cfg.method.get("train", True):
         trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path, weights_only=True)
     wall = time.time() - t_fit

@@ -1,7 +1,10 @@
 """Pruning paradigms as Lightning callbacks; they call `prune_lab.sparsity` and never each other."""
 from prune_lab.callbacks.distillation import Distillation
+from prune_lab.callbacks.post_training import LayerwiseReconstruction, OneShotMagnitude, RecalibrateBN
 from prune_lab.callbacks.pruning import BNScalePenalty, MaskUpdate
-from prune_lab.callbacks.reparam import LinearExpansion
+from prune_lab.callbacks.reparam import DynamicSparsity, LinearExpansion
 from prune_lab.callbacks.rng import RNGState
+from prune_lab.callbacks.search import LayerSparsitySearch
 
-__all__ = ["BNScalePenalty", "Distillation", "LinearExpansion", "MaskUpdate", "RNGState"]
+__all__ = ["BNScalePenalty", "Distillation", "DynamicSparsity", "LayerSparsitySearch", "LayerwiseReconstruction",
+           "LinearExpansion", "MaskUpdate", "OneShotMagnitude", "RNGState", "RecalibrateBN"]

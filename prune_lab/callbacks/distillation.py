@@ -1,12 +1,13 @@
 """The distillation capability: a teacher–student loss added to the training loss.
 
 `Distillation` is generic: it takes the frozen teacher from the module's teacher slot
-(`pl_module.teacher`, the dense reference the pipeline puts there), records the outputs of
-matched student/teacher layers with forward hooks, and appends `weight · loss(student, teacher)`
-to `pl_module.loss_terms`. What is compared is the loss object's business, chosen by config:
-a loss is any callable `loss(student: Outputs, teacher: Outputs, progress: float) -> Tensor`,
-where `Outputs` holds the logits and the paired layers' outputs (in pairing order) and
-`progress` is the fraction of training done (for losses with a schedule).
+(`pl_module.teacher`, the dense reference the pipeline puts there) and appends
+`weight · loss(student, teacher, progress)` to `pl_module.loss_terms`. The loss object, chosen by
+config, decides what is compared: `Outputs` carries a network's logits and, for losses that set
+`uses_features`, the outputs of paired layers recorded by forward hooks; `progress` is the
+fraction of training done (per step, or per epoch for losses with `per_epoch`), so schedules mean
+the same at any run length. Losses: `BaseDecayedKL` / `PlainKL` (UniPTS), `SimilarityPreserving`
+(SP-KD, linear over-parameterization); by name from `LOSSES` or as objects (`_target_`).
 
 Layer pairing is by module path: `student_layers` (default: the output of every residual
 block, found by class name `*Block`/`*Bottleneck`), `teacher_layers` (default: the same paths).
@@ -32,7 +33,48 @@ class Outputs:
     features: list[torch.Tensor] = field(default_factory=list)
 
 
+def _logits(x) -> torch.Tensor:
+    return x.logits if isinstance(x, Outputs) else x
+
+
 # -- losses ------------------------------------------------------------------------------
+class BaseDecayedKL:
+    """UniPTS's base-decayed objective (METHODS.md §2, [code]):
+
+        loss = KL(log_softmax(z_s)/τ ‖ softmax(z_t/T)) summed · T² / B,  τ = τ0 · decay^(ref_epochs · progress)
+
+    Its gradient is (T²/τ)(softmax(z_s) − softmax(z_t/T))/B: a soft-target cross-entropy whose
+    weight grows from T²/τ0 = 2 to 5.4 over training (T = 4, τ0 = 8, decay 0.99, 100 epochs).
+    """
+
+    name = "base_decayed"
+    per_epoch = True  # τ_e changes once per epoch, as in the released code
+
+    def __init__(self, temperature: float = 4.0, tau0: float = 8.0, decay: float = 0.99, ref_epochs: float = 100):
+        if not temperature > 0 or not tau0 > 0 or not 0 < decay <= 1:
+            raise PruneLabError(f"distillation temperature={temperature}, tau0={tau0}, decay={decay}: "
+                                "temperature and tau0 must be > 0 and decay in (0, 1]")
+        self.temperature, self.tau0, self.decay, self.ref_epochs = float(temperature), float(tau0), decay, ref_epochs
+
+    def tau(self, progress: float) -> float:
+        return self.tau0 * self.decay ** (self.ref_epochs * progress)
+
+    def __call__(self, student, teacher, progress: float = 0.0) -> torch.Tensor:
+        student, teacher = _logits(student), _logits(teacher)
+        log_p_student = F.log_softmax(student, dim=1) / self.tau(progress)
+        p_teacher = F.softmax(teacher.detach() / self.temperature, dim=1)
+        return F.kl_div(log_p_student, p_teacher, reduction="sum") * self.temperature ** 2 / student.shape[0]
+
+
+class PlainKL(BaseDecayedKL):
+    """The same objective with τ ≡ 1 (UniPTS's "plain KD" ablation)."""
+
+    name = "plain"
+
+    def tau(self, progress: float) -> float:
+        return 1.0
+
+
 def similarity_matrix(features: torch.Tensor) -> torch.Tensor:
     """b×b row-L2-normalised Gram matrix of a batch of features (any shape after the batch dim)."""
     q = features.flatten(1)
@@ -52,11 +94,16 @@ class SimilarityPreserving:
     The callback's `weight` is the paper's γ (3000 in the over-parameterization recipe).
     """
 
+    uses_features = True
+
     def __call__(self, student: Outputs, teacher: Outputs, progress: float = 0.0) -> torch.Tensor:
         if len(student.features) != len(teacher.features) or not student.features:
             raise PruneLabError("SP-KD needs the same non-zero number of student and teacher layers")
         return sum(similarity_preserving_loss(s.float(), t.float())
                    for s, t in zip(student.features, teacher.features))
+
+
+LOSSES = {"base_decayed": BaseDecayedKL, "plain": PlainKL}
 
 
 # -- the callback ----------------------------------------------------------------------------
@@ -70,16 +117,28 @@ class Distillation(L.Callback):
     """Adds `weight · loss(student, teacher)` to the training loss.
 
     Args:
-        loss: the loss object (e.g. `SimilarityPreserving()`).
+        loss: a loss object (e.g. `SimilarityPreserving()`) or a name in `LOSSES` (built with
+            `temperature`).
         weight: its weight in the total loss (SP-KD: γ).
+        temperature: T of the named KL losses.
+        label_weight: factor on the label cross-entropy (0: the objective uses no labels).
+        teacher_mode: "eval", or "train" (the teacher's BN uses batch statistics, as in UniPTS).
         student_layers / teacher_layers: module paths whose outputs are paired, in order;
-            null = every residual block (teacher: the student's paths).
-        enabled: false turns the callback into a no-op (the method's `spkd=false` ablation).
+            null = every residual block (teacher: the student's paths). Only for feature losses.
+        enabled: false turns the callback into a no-op (ablations such as `spkd=false`).
     """
 
-    def __init__(self, loss, weight: float = 1.0, student_layers: list[str] | None = None,
+    def __init__(self, loss, weight: float = 1.0, temperature: float = 4.0, label_weight: float = 1.0,
+                 teacher_mode: str = "eval", student_layers: list[str] | None = None,
                  teacher_layers: list[str] | None = None, enabled: bool = True):
+        if isinstance(loss, str):
+            if loss not in LOSSES:
+                raise PruneLabError(f"unknown distillation loss (kd) '{loss}'; choose one of: {', '.join(LOSSES)}")
+            loss = LOSSES[loss](temperature=temperature)
+        if teacher_mode not in ("train", "eval"):
+            raise PruneLabError(f"teacher_mode '{teacher_mode}' is not one of: train, eval")
         self.loss, self.weight, self.enabled = loss, float(weight), bool(enabled)
+        self.label_weight, self.teacher_mode = float(label_weight), teacher_mode
         self.student_layers = list(student_layers) if student_layers else None
         self.teacher_layers = list(teacher_layers) if teacher_layers else None
         self._hooks: list = []
@@ -93,7 +152,13 @@ class Distillation(L.Callback):
             raise PruneLabError("distillation needs a teacher in the module's teacher slot (pl_module.teacher); "
                                 "the pipeline puts the dense reference there")
         # after setup: the student is in its final training form (shrunk, expanded) and on its device
-        pl_module.teacher = pl_module.teacher.to(pl_module.device).eval()
+        pl_module.teacher = pl_module.teacher.to(pl_module.device).train(self.teacher_mode == "train")
+        pl_module.label_loss_weight = self.label_weight
+        self._term = self.loss_term
+        pl_module.loss_terms.append(self._term)
+        self.pairs = []
+        if not getattr(self.loss, "uses_features", False):
+            return
         student = self.student_layers or residual_blocks(pl_module.model)
         teacher = self.teacher_layers or student
         if not student or len(student) != len(teacher):
@@ -106,8 +171,6 @@ class Distillation(L.Callback):
                 if n not in modules:
                     raise PruneLabError(f"distillation: the {role} has no module '{n}'")
                 self._hooks.append(modules[n].register_forward_hook(self._record(role, n)))
-        self._term = self.loss_term
-        pl_module.loss_terms.append(self._term)
 
     def _record(self, role: str, name: str):
         def hook(module, inputs, output):
@@ -121,11 +184,16 @@ class Distillation(L.Callback):
         student = Outputs(logits, [self._seen["student"][s] for s, _ in self.pairs])
         teacher = Outputs(teacher_logits, [self._seen["teacher"][t] for _, t in self.pairs])
         trainer = pl_module.trainer
-        progress = trainer.global_step / max(int(trainer.estimated_stepping_batches), 1)
+        if getattr(self.loss, "per_epoch", False):
+            progress = trainer.current_epoch / max(int(trainer.max_epochs or 1), 1)
+        else:
+            progress = trainer.global_step / max(int(trainer.estimated_stepping_batches), 1)
         value = self.weight * self.loss(student, teacher, progress)
         for seen in self._seen.values():
             seen.clear()  # do not keep the batch's activations alive until the next one
         pl_module.log("train/distill", value, on_step=False, on_epoch=True, sync_dist=True)
+        if hasattr(self.loss, "tau"):
+            pl_module.log("train/kd_tau", self.loss.tau(progress), on_step=False, on_epoch=True)
         return value
 
     def on_fit_end(self, trainer, pl_module):

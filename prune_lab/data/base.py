@@ -6,7 +6,7 @@ from typing import Callable, Optional, Sequence
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from prune_lab.errors import PruneLabError
 
@@ -53,6 +53,18 @@ class TransformSubset(Dataset):
         return image, int(label)
 
 
+def calibration_subset(dataset: Dataset, size: int, seed: int) -> Dataset:
+    """`size` samples drawn with replacement by a generator seeded with `seed` (post-training
+    methods see only these), or the whole set when it is not larger than `size`.
+
+    A Subset keeps the dataset's own transform, so train augmentation still applies.
+    """
+    if len(dataset) <= size:
+        return dataset
+    generator = torch.Generator().manual_seed(seed)
+    return Subset(dataset, torch.randint(len(dataset), (size,), generator=generator).tolist())
+
+
 class ClassificationDataModule(L.LightningDataModule):
     """Train/val/test image classification data for one dataset.
 
@@ -65,6 +77,11 @@ class ClassificationDataModule(L.LightningDataModule):
     sees the same batches as an uninterrupted one. The trainer must be built
     with ``use_distributed_sampler=False`` so Lightning keeps this sampler
     (it still calls ``set_epoch`` on it every epoch).
+
+    ``calibration_size`` (post-training mode): when set, ``train_set`` is
+    replaced by a calibration subset of that many samples (see
+    ``calibration_subset``) the moment a subclass assigns it, so every dataset
+    supports it without code of its own; val and test are untouched.
     """
 
     name: str = "base"
@@ -78,6 +95,7 @@ class ClassificationDataModule(L.LightningDataModule):
         eval_batch_size: Optional[int] = None,
         num_workers: int = 0,
         seed: int = 0,
+        calibration_size: Optional[int] = None,
     ) -> None:
         super().__init__()
         if int(batch_size) < 1:
@@ -90,9 +108,23 @@ class ClassificationDataModule(L.LightningDataModule):
         self.eval_batch_size = int(eval_batch_size) if eval_batch_size is not None else None
         self.num_workers = int(num_workers)
         self.seed = int(seed)
+        if calibration_size is not None and (isinstance(calibration_size, bool) or int(calibration_size) < 1):
+            raise PruneLabError(f"data.calibration_size={calibration_size} must be a positive integer or null "
+                                "(null: the whole train set)")
+        self.calibration_size = None if calibration_size is None else int(calibration_size)
         self.train_set: Optional[Dataset] = None
         self.val_set: Optional[Dataset] = None
         self.test_set: Optional[Dataset] = None
+
+    @property
+    def train_set(self) -> Optional[Dataset]:
+        return self._train_set
+
+    @train_set.setter
+    def train_set(self, dataset: Optional[Dataset]) -> None:
+        if dataset is not None and self.calibration_size is not None:
+            dataset = calibration_subset(dataset, self.calibration_size, self.seed)
+        self._train_set = dataset
 
     # ------------------------------------------------------------------ API
 

@@ -65,11 +65,44 @@ def masks_from_scores(scores: dict[str, torch.Tensor], sparsity: float, distribu
             i += s.numel()
         return out
     per_layer = layer_sparsities(distribution, {n: tuple(s.shape) for n, s in scores.items()}, sparsity)
+    return masks_from_counts(scores, {n: round(per_layer[n] * s.numel()) for n, s in scores.items()})
+
+
+def masks_from_counts(scores: dict[str, torch.Tensor], pruned: dict[str, int]) -> dict[str, torch.Tensor]:
+    """Keep-masks that prune exactly `pruned[n]` lowest-scoring entries of each layer (stable sort)."""
     out = {}
     for n, s in scores.items():
-        k = round(per_layer[n] * s.numel())
+        k = int(pruned[n])
         keep = torch.ones(s.numel(), dtype=torch.bool, device=s.device)
         if k > 0:
             keep[torch.sort(s.flatten().float(), stable=True).indices[:k]] = False
         out[n] = keep.view_as(s)
     return out
+
+
+def exact_counts(sparsity: dict[str, float], numel: dict[str, int], total_pruned: int) -> dict[str, int]:
+    """Integer pruned counts per layer close to `sparsity[n] · numel[n]` that sum to `total_pruned`.
+
+    Largest-remainder rounding: floors first, then the layers with the largest fractional parts
+    (that still have room) get one more, or the smallest lose one, until the sum is exact.
+    """
+    if not 0 <= total_pruned <= sum(numel.values()):
+        raise ValueError(f"cannot prune {total_pruned} of {sum(numel.values())} weights")
+    want = {n: min(max(sparsity[n], 0.0), 1.0) * numel[n] for n in numel}
+    counts = {n: int(math.floor(w)) for n, w in want.items()}
+    by_remainder = sorted(numel, key=lambda n: (want[n] - counts[n], n), reverse=True)
+    while sum(counts.values()) != total_pruned:
+        short = total_pruned - sum(counts.values())
+        order = by_remainder if short > 0 else by_remainder[::-1]
+        changed = False
+        for n in order:
+            if short == 0:
+                break
+            step = 1 if short > 0 else -1
+            if 0 <= counts[n] + step <= numel[n]:
+                counts[n] += step
+                short -= step
+                changed = True
+        if not changed:  # unreachable given the range check above
+            raise RuntimeError("exact_counts did not converge")
+    return counts
