@@ -279,8 +279,9 @@ def run(cfg: DictConfig) -> dict:
         log.warning("achieved %s reduction %.4f is outside ±%.3f of budget %.3f", cfg.method.target, achieved,
                     tol, cfg.budget)
     lat_cfg = cfg.latency
-    dense_ms = latency_ms(dense_model, example.cpu(), lat_cfg.batch_size, lat_cfg.warmup, lat_cfg.repeats)
-    pruned_ms = latency_ms(final, example.cpu(), lat_cfg.batch_size, lat_cfg.warmup, lat_cfg.repeats)
+    cl = bool(lat_cfg.get("channels_last", False))
+    dense_ms = latency_ms(dense_model, example.cpu(), lat_cfg.batch_size, lat_cfg.warmup, lat_cfg.repeats, cl)
+    pruned_ms = latency_ms(final, example.cpu(), lat_cfg.batch_size, lat_cfg.warmup, lat_cfg.repeats, cl)
     layers = report.layer_table(dense_model, final)
     results = {
         "schema": report.SCHEMA, "method": cfg.method.name,
@@ -290,7 +291,7 @@ def run(cfg: DictConfig) -> dict:
         "dense": {k: dense[k] for k in ("top1", "top5", "params", "flops")},
         "pruned": pruned,
         "budget_met": cfg.method.name == "dense" or abs(achieved - cfg.budget) <= tol,
-        "latency": {"device": "cpu", "batch_size": lat_cfg.batch_size, "dense_ms": dense_ms,
+        "latency": {"device": "cpu", "batch_size": lat_cfg.batch_size, "channels_last": cl, "dense_ms": dense_ms,
                     "pruned_ms": pruned_ms, "speedup": dense_ms / pruned_ms},
         "layers": layers,
         "train": {"epochs": int(trainer.current_epoch), "steps": int(trainer.global_step), "wall_s": wall,

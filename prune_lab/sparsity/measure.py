@@ -5,6 +5,7 @@ FLOPs follow DESIGN.md §3: multiply-accumulates of conv and linear layers for o
 """
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 
@@ -67,11 +68,17 @@ def sparse_flops(model: nn.Module, example_input: torch.Tensor) -> int:
 
 @torch.no_grad()
 def latency_ms(model: nn.Module, example_input: torch.Tensor, batch_size: int = 16,
-               warmup: int = 3, repeats: int = 10) -> float:
-    """Median wall time of one eval forward at `batch_size`, in milliseconds."""
+               warmup: int = 3, repeats: int = 10, channels_last: bool = False) -> float:
+    """Median wall time of one eval forward at `batch_size`, in milliseconds.
+
+    `channels_last` measures a copy in NHWC layout, the fast path of oneDNN and cuDNN for
+    convolutions; thin pruned layers gain the most from it (scripts/bench.py compares)."""
+    x = example_input[:1].expand(batch_size, *example_input.shape[1:]).contiguous()
+    if channels_last and x.dim() == 4:
+        model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
     was_training = model.training
     model.eval()
-    x = example_input[:1].expand(batch_size, *example_input.shape[1:]).contiguous()
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     for _ in range(warmup):
         model(x)
