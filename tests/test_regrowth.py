@@ -8,7 +8,6 @@ from functools import partial
 import lightning as L
 import pytest
 import torch
-import torch.nn.functional as F
 
 from prune_lab.callbacks import MaskUpdate, Regrowth
 from prune_lab.data import DigitsDataModule
