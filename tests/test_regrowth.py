@@ -261,17 +261,20 @@ def test_iee_budget_is_exact_after_every_grow_and_prune_takes_omega():
     assert any(not torch.equal(final[n], probe.start[0]["masks"][n]) for n in sparse)  # units did move
 
 
-def test_iee_freezes_active_restores_mru_and_grows_with_explored_values():
-    policy = iee()
+@pytest.mark.parametrize("keep_start_values", [False, True])
+def test_iee_freezes_active_restores_mru_and_grows_with_explored_values(keep_start_values):
+    policy = iee(keep_start_values=keep_start_values)
     _, probe = fit(policy)
     assert_explore_freezes_active(policy, probe)
     # explore start, cycle 0: pruned units at their values when pruned (end of step 2), the
-    # never-active ones at their initial values
+    # never-active ones at zero (or at their values at fit start with keep_start_values)
     before_prune, after_prune = probe.start[2]["masks"], probe.start[3]["masks"]
     e = EXPLORE[0][0]
     for n, keep in probe.start[e]["keep"].items():
         pruned = before_prune[n] & ~after_prune[n]
-        expected = torch.where(pruned, probe.end[2][n], probe.initial[n])
+        start = probe.initial[n] if keep_start_values else torch.zeros_like(probe.initial[n])
+        expected = torch.where(pruned, probe.end[2][n], start)
+        assert bool((expected[~keep & ~pruned] != 0).any()) == keep_start_values
         assert torch.equal(probe.start[e]["params"][n][~keep], expected[~keep])
     # explore start, cycle 1: pruned at 12 -> values at end of step 11; the rest -> end of explore 0
     e, p = EXPLORE[1][0], PRUNE[1]
@@ -302,15 +305,22 @@ def test_iee_grow_init_zero():
             assert grown.any() and bool((probe.start[g]["params"][n][grown] == 0).all())
 
 
-def test_iee_without_explore_grows_mru_values_and_never_freezes():
+def test_iee_without_explore_grows_by_dense_gradient_with_mru_values_and_never_freezes():
     policy = iee(explore=False)
     _, probe = fit(policy)
     g, p = GROW[0], PRUNE[0]
     for n, keep in probe.start[g]["keep"].items():
-        grown = keep & ~probe.start[g - 1]["keep"][n]
+        before = probe.start[g - 1]["keep"][n]
+        grown = keep & ~before
+        # Θ_P ranked by |∂L/∂w| summed over the Q steps (6, 7, 8) in which Θ_K trained
+        signal = sum(probe.grads[t][n].abs() for t in EXPLORE[0])
+        expected = torch.zeros_like(before).flatten()
+        expected[torch.topk(torch.where(before, -1.0, signal).flatten(), int(grown.sum())).indices] = True
+        assert torch.equal(grown, expected.view_as(grown))
         pruned = probe.start[p - 1]["masks"][n] & ~probe.start[p]["masks"][n]
-        mru = torch.where(pruned, probe.end[p - 1][n], probe.initial[n])  # never unmasked in between
+        mru = torch.where(pruned, probe.end[p - 1][n], 0.0)  # never unmasked in between
         assert grown.any() and torch.equal(probe.start[g]["params"][n][grown], mru[grown])
+        assert bool((probe.start[g]["params"][n][pruned & grown] != 0).all())  # regrown with their old values
     for t in sum(EXPLORE, ()):
         assert not all(bool(m.all()) for m in probe.start[t]["masks"].values())  # nothing unmasked
         keep = probe.start[t]["keep"]

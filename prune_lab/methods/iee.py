@@ -21,22 +21,30 @@ the MRU values, the scores and the pending counts are state, so a checkpoint tak
 a cycle resumes exactly.
 
 prune_lab's own choices where the paper is silent (METHODS.md §3 [choice]): Ω_0 = 0.3 decaying
-to 0.01 at `stop`; the MRU value of a unit never active yet is its initial value; the optimizer
-state of units entering or leaving Θ_K or Θ_P is zeroed. Ablations:
-  explore=false        the Q steps train Θ_K instead; grow ranks Θ_P by the score each unit had
-                       when last evaluated (magnitude: |MRU value|) and restores MRU values
+to 0.01 at `stop`; the optimizer state of units entering or leaving Θ_K or Θ_P is zeroed; a unit
+never active yet has no MRU value: a weight explores from zero, so what it learns in Q steps,
+not its random initial value, decides whether it grows, while a channel explores from its value
+at fit start, because a channel at zero (zero filter, zero batch-norm scale) is a saddle point
+that no gradient leaves (`keep_start_values=true` uses the start values for weights too: right
+when they are the dense reference's). Ablations:
+  explore=false        the Q steps train Θ_K instead; Θ_P, never trained, is ranked by the
+                       magnitude of its dense gradient summed over those steps (RigL's growth
+                       signal; channels: Σ (∂L/∂γ)² + (∂L/∂β)² of their batch norms); grown
+                       units restart from their MRU values
   freeze_active=false  Θ_K keeps training during explore
   grow_init=zero       grown units start at zero instead of their explored (MRU) values
   improve=false        no improve phase: its J steps join the estimate phase (same cycle count)
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
 
 from prune_lab.errors import PruneLabError
 from prune_lab.sparsity import ChannelGroups, ExponentialDecay, MaskSet
-from prune_lab.sparsity.importance import Magnitude, TaylorBN
+from prune_lab.sparsity.importance import Magnitude, TaylorBN, bn_channel_scores
 from prune_lab.sparsity.regrowth import RegrowthPolicy, highest, lowest, reset_optimizer_state
 
 
@@ -66,6 +74,10 @@ class WeightUnits:
             else:  # first-order Taylor |w·∂L/∂w|
                 out[n] = torch.zeros_like(p.detach()) if p.grad is None else (p.detach() * p.grad).abs()
         return out
+
+    def grad_scores(self) -> dict[str, torch.Tensor]:
+        return {n: torch.zeros_like(self.params[n].detach()) if self.params[n].grad is None
+                else self.params[n].grad.abs() for n in self.masks.prunable}
 
     def set_plan(self, keep) -> None:
         pass
@@ -101,6 +113,10 @@ class ChannelUnits:
         scorer = TaylorBN().channel_scorer() if criterion == "taylor" else Magnitude(p=1).channel_scorer()
         return dict(zip(self.groups.roots, self.groups.scores(scorer)))
 
+    def grad_scores(self) -> dict[str, torch.Tensor]:
+        scorer = partial(bn_channel_scores, gate=lambda bn, idx: bn.weight.grad[idx] ** 2 + bn.bias.grad[idx] ** 2)
+        return dict(zip(self.groups.roots, self.groups.scores(scorer)))
+
     def set_plan(self, keep) -> None:
         self.masks.set_channel_plan(keep)
 
@@ -113,7 +129,8 @@ class IEE(RegrowthPolicy):
 
     def __init__(self, target: str = "params", criterion: str | None = None, estimate_steps: int = 150,
                  improve_steps: int = 150, explore_steps: int = 150, omega=None, stop: float = 0.75,
-                 explore: bool = True, freeze_active: bool = True, grow_init: str = "mru", improve: bool = True):
+                 explore: bool = True, freeze_active: bool = True, grow_init: str = "mru", improve: bool = True,
+                 keep_start_values: bool | None = None):
         if target not in ("params", "flops"):
             raise PruneLabError(f"IEE target={target!r} is not one of: params, flops")
         allowed = (WeightUnits if target == "params" else ChannelUnits).CRITERIA
@@ -138,13 +155,13 @@ class IEE(RegrowthPolicy):
         self.omega = omega or ExponentialDecay(init=0.3, final=0.01, end=stop)
         self.stop, self.explore, self.freeze_active = float(stop), bool(explore), bool(freeze_active)
         self.grow_init = grow_init
+        self.keep_start_values = target == "flops" if keep_start_values is None else bool(keep_start_values)
         # state (checkpointed)
         self.keep: dict[str, torch.Tensor] | None = None   # Θ_K per layer
         self.mru: dict[str, torch.Tensor] | None = None    # most-recently-used values per parameter
-        self.last_score: dict[str, torch.Tensor] | None = None
         self.pending: dict[str, int] = {}                 # units pruned this cycle, to grow back
-        self.acc: dict[str, torch.Tensor] | None = None    # Taylor scores summed over the phase
-        self.acc_key: list = []
+        self.acc: dict[str, torch.Tensor] | None = None    # gradient-based scores summed over a phase
+        self.acc_key: list = []                            # ["prune" | "grow", cycle] they belong to
         self.last_step = -1
         # transient
         self.total_steps = 0
@@ -178,14 +195,15 @@ class IEE(RegrowthPolicy):
         else:
             self.units = ChannelUnits(model, masks, example_input, classifier)
         params = dict(model.named_parameters())
-        if self.mru is None:  # fresh run: bound before the initial mask, so these are initial values
-            self.mru = {n: params[n].detach().clone() for n in self.units.maskable()}
-            self.last_score = self.units.scores(self.criterion)
+        if self.mru is None:  # fresh run: bound before the initial mask, so these are the start values
+            keep = self.keep_start_values
+            self.mru = {n: params[n].detach().clone() if keep else torch.zeros_like(params[n].detach())
+                        for n in self.units.maskable()}
         device = next(iter(params.values())).device
         self.mru = {n: v.to(params[n].device) for n, v in self.mru.items()}
         if self.target == "params":  # weight-unit state lives with the weights; channel state on CPU
             move = (lambda d: None if d is None else {n: v.to(device) for n, v in d.items()})
-            self.keep, self.last_score, self.acc = move(self.keep), move(self.last_score), move(self.acc)
+            self.keep, self.acc = move(self.keep), move(self.acc)
 
     @torch.no_grad()
     def before_forward(self, step, total_steps, optimizers):
@@ -213,17 +231,21 @@ class IEE(RegrowthPolicy):
 
     @torch.no_grad()
     def after_backward(self, step, total_steps, optimizers):
-        if self.criterion == "magnitude":
-            return False  # value-based: scored at the transition itself
-        phase = self.phase(step, total_steps)
-        if phase in ("estimate", "explore"):
-            key = [phase, step // self.cycle]
-            scores = self.units.scores(self.criterion)
-            if self.acc_key != key or self.acc is None:
-                self.acc, self.acc_key = scores, key
-            else:
-                self.acc = {layer: self.acc[layer] + s for layer, s in scores.items()}
+        # gradient-based scores are summed over their phase; magnitude is read at the transition
+        phase, (k, r) = self.phase(step, total_steps), divmod(step, self.cycle)
+        if phase == "train":
+            return False
+        if self.criterion == "taylor" and phase in ("estimate", "explore"):
+            self._accumulate(["prune" if phase == "estimate" else "grow", k], self.units.scores("taylor"))
+        elif not self.explore and r >= self.h + self.j:  # the Q steps without exploration
+            self._accumulate(["grow", k], self.units.grad_scores())
         return False
+
+    def _accumulate(self, key: list, scores: dict[str, torch.Tensor]) -> None:
+        if self.acc is None or self.acc_key != key:
+            self.acc, self.acc_key = scores, key
+        else:
+            self.acc = {layer: self.acc[layer] + s for layer, s in scores.items()}
 
     @torch.no_grad()
     def before_optimizer_step(self, step, optimizer):
@@ -255,21 +277,22 @@ class IEE(RegrowthPolicy):
         return [] if self.keep is None else [self.keep[k] for k in sorted(self.keep)]
 
     # -- transitions ----------------------------------------------------------------------
-    def _phase_scores(self, phase: str, cycle: int) -> dict[str, torch.Tensor]:
-        if self.criterion == "magnitude":
-            return self.units.scores("magnitude")
-        if self.acc is None or self.acc_key != [phase, cycle]:
-            return {layer: torch.zeros_like(s) for layer, s in self.last_score.items()}
+    def _scores(self, purpose: str, cycle: int) -> dict[str, torch.Tensor]:
+        """Scores for "prune" (of Θ_K) or "grow" (of Θ_P) at the end of `cycle`'s phase."""
+        accumulated = self.criterion == "taylor" or (purpose == "grow" and not self.explore)
+        if not accumulated:
+            return self.units.scores(self.criterion)
+        if self.acc is None or self.acc_key != [purpose, cycle]:
+            raise RuntimeError(f"IEE has no {purpose} scores for cycle {cycle} (have {self.acc_key})")
         return self.acc
 
     def _prune(self, cycle: int, omega: float, optimizers) -> None:
         if self.keep is None:
             self.keep = self.units.keep_from_masks()
-        scores = self._phase_scores("estimate", cycle)
+        scores = self._scores("prune", cycle)
         old = self.units.param_masks(self.keep)
         for layer, keep in self.keep.items():
             s = scores[layer].to(keep.device)
-            self.last_score[layer] = torch.where(keep, s, self.last_score[layer])
             kept = int(keep.sum())
             n = min(round(omega * kept), kept - 1)  # a layer never loses its last unit
             self.keep[layer] = keep & ~lowest(s, keep, n)
@@ -293,16 +316,12 @@ class IEE(RegrowthPolicy):
     def _grow(self, cycle: int, optimizers) -> None:
         old = self.units.param_masks(self.keep)
         params = dict(self.model.named_parameters())
+        scores = self._scores("grow", cycle)
         if self.explore:
-            scores = self._phase_scores("explore", cycle)
             for name, m in old.items():  # every explored unit's value now is its most recent one
                 self.mru[name] = torch.where(m, self.mru[name], params[name])
-        else:
-            scores = self.last_score
         for layer, keep in self.keep.items():
             s = scores[layer].to(keep.device)
-            if self.explore:
-                self.last_score[layer] = torch.where(keep, self.last_score[layer], s)
             self.keep[layer] = keep | highest(s, ~keep, self.pending.get(layer, 0))
         self.pending = {}
         new = self.units.param_masks(self.keep)
@@ -324,10 +343,10 @@ class IEE(RegrowthPolicy):
 
     # -- state ----------------------------------------------------------------------------
     def state_dict(self):
-        return {"keep": self.keep, "mru": self.mru, "last_score": self.last_score, "pending": dict(self.pending),
-                "acc": self.acc, "acc_key": list(self.acc_key), "last_step": self.last_step}
+        return {"keep": self.keep, "mru": self.mru, "pending": dict(self.pending), "acc": self.acc,
+                "acc_key": list(self.acc_key), "last_step": self.last_step}
 
     def load_state_dict(self, state):
-        self.keep, self.mru, self.last_score = state["keep"], state["mru"], state["last_score"]
+        self.keep, self.mru = state["keep"], state["mru"]
         self.pending = {k: int(v) for k, v in state["pending"].items()}
         self.acc, self.acc_key, self.last_step = state["acc"], list(state["acc_key"]), int(state["last_step"])

@@ -7,6 +7,7 @@ covers every layer coupled to it (DepGraph-style); element scores are one line e
 from __future__ import annotations
 
 import zlib
+from functools import partial
 
 import torch
 import torch_pruning as tp
@@ -86,11 +87,14 @@ class TaylorBN(Importance):
     needs_grad = True
 
     def channel_scorer(self):
-        return _bn_taylor
+        return partial(bn_channel_scores, gate=lambda bn, idx: (bn.weight[idx] * bn.weight.grad[idx]
+                                                                + bn.bias[idx] * bn.bias.grad[idx]) ** 2)
 
 
 @torch.no_grad()
-def _bn_taylor(group) -> torch.Tensor:
+def bn_channel_scores(group, gate) -> torch.Tensor:
+    """Σ over the group's affine batch norms of `gate(bn, local_indices)`, per root channel
+    (batch norms without gradients are skipped)."""
     score = torch.zeros(len(group[0].idxs))
     seen = set()
     for item in group:
@@ -101,8 +105,7 @@ def _bn_taylor(group) -> torch.Tensor:
             continue
         seen.add(bn)  # a batch norm appears once per direction; count it once
         idx = torch.tensor(item.idxs, dtype=torch.long, device=bn.weight.device)
-        gate = bn.weight[idx] * bn.weight.grad[idx] + bn.bias[idx] * bn.bias.grad[idx]
-        score.index_add_(0, torch.tensor(item.root_idxs, dtype=torch.long), gate.float().cpu() ** 2)
+        score.index_add_(0, torch.tensor(item.root_idxs, dtype=torch.long), gate(bn, idx).float().cpu())
     return score
 
 
