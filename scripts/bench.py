@@ -207,7 +207,7 @@ def peak_memory(batch: int) -> dict:
 
 
 def stp_search_cost(evals: int) -> dict:
-    from prune_lab.sparsity.bn import frozen_bn_stats
+    from prune_lab.sparsity.calibration import frozen_bn_stats
     from prune_lab.sparsity.subnet import SubnetSpace
     import random
 

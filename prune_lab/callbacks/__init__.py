@@ -2,9 +2,10 @@
 from prune_lab.callbacks.distillation import Distillation
 from prune_lab.callbacks.post_training import LayerwiseReconstruction, OneShotMagnitude, RecalibrateBN
 from prune_lab.callbacks.pruning import BNScalePenalty, MaskUpdate
+from prune_lab.callbacks.regrowth import Regrowth
 from prune_lab.callbacks.reparam import DynamicSparsity, LinearExpansion
 from prune_lab.callbacks.rng import RNGState
 from prune_lab.callbacks.search import LayerSparsitySearch
 
 __all__ = ["BNScalePenalty", "Distillation", "DynamicSparsity", "LayerSparsitySearch", "LayerwiseReconstruction",
-           "LinearExpansion", "MaskUpdate", "OneShotMagnitude", "RNGState", "RecalibrateBN"]
+           "LinearExpansion", "MaskUpdate", "OneShotMagnitude", "RNGState", "RecalibrateBN", "Regrowth"]

@@ -1,1 +1,1 @@
-"""Pieces that belong to one paper only; they plug into the generic callbacks through config."""
+"""Pieces that belong to one paper only; they plug into generic callbacks through config `_target_`."""

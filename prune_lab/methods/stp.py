@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import torch_pruning as tp
 
 from prune_lab.errors import PruneLabError
-from prune_lab.sparsity.bn import frozen_bn_stats, recalibrate_bn
+from prune_lab.sparsity.calibration import frozen_bn_stats, recalibrate_bn
 from prune_lab.sparsity.structure import solve_flops_target
 from prune_lab.sparsity.subnet import DEFAULT_WIDTHS, Arch, SubnetSpace, find_stages
 
@@ -278,12 +278,22 @@ class StimulativeTraining(L.Callback):
         masks.set_channel_plan(plan)
         masks.set_removed(skipped)
         masks.apply()
-        images = (x.to(pl_module.device) for x, _ in trainer.datamodule.train_dataloader())
-        recalibrate_bn(model, images, self.bn_images)
+        with torch.no_grad():
+            recalibrate_bn(model, self._train_batches(trainer, pl_module.device), noise_std=0.0)
+        model.eval()
         dist = torch.distributed
         if dist.is_available() and dist.is_initialized():  # one set of statistics for every rank
             for buf in model.buffers():
                 dist.broadcast(buf, 0)
+
+    def _train_batches(self, trainer, device):
+        """The first `bn_images` training images, batch by batch."""
+        seen = 0
+        for x, y in trainer.datamodule.train_dataloader():
+            if seen >= self.bn_images:
+                return
+            seen += len(x)
+            yield x.to(device), y
 
     def report(self) -> dict:
         return {"stp": self.summary}

@@ -2,6 +2,7 @@
 statistics of a pruned model, measure top-1. Pure torch, no autograd."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Iterable
 
 import torch
@@ -72,3 +73,17 @@ def top1_accuracy(model: nn.Module, batches) -> float:
         total += len(y)
     model.train(was_training)
     return correct / max(total, 1)
+
+
+@contextmanager
+def frozen_bn_stats(model: nn.Module):
+    """Train-mode BN (batch statistics) whose running statistics do not move: extra forward passes
+    of sub-networks or candidates must not pollute the full network's statistics."""
+    bns = [(m, m.momentum) for m in _batch_norms(model)]
+    for m, _ in bns:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum in bns:
+            m.momentum = momentum

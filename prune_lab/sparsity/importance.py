@@ -6,6 +6,9 @@ covers every layer coupled to it (DepGraph-style); element scores are one line e
 """
 from __future__ import annotations
 
+import zlib
+from functools import partial
+
 import torch
 import torch_pruning as tp
 from torch import nn
@@ -75,6 +78,37 @@ class Gradient(Importance):
         return p.grad.detach().abs()
 
 
+class TaylorBN(Importance):
+    """Channel saliency from the batch-norm gates (Molchanov et al. 2019; HALP; IEE):
+    (γ·∂L/∂γ + β·∂L/∂β)² per channel, summed over every batch norm coupled to the channel.
+    Accumulate it over several batches for a stable estimate (callers add the per-batch scores)."""
+
+    name = "taylor_bn"
+    needs_grad = True
+
+    def channel_scorer(self):
+        return partial(bn_channel_scores, gate=lambda bn, idx: (bn.weight[idx] * bn.weight.grad[idx]
+                                                                + bn.bias[idx] * bn.bias.grad[idx]) ** 2)
+
+
+@torch.no_grad()
+def bn_channel_scores(group, gate) -> torch.Tensor:
+    """Σ over the group's affine batch norms of `gate(bn, local_indices)`, per root channel
+    (batch norms without gradients are skipped)."""
+    score = torch.zeros(len(group[0].idxs))
+    seen = set()
+    for item in group:
+        bn = item.dep.target.module
+        if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or not bn.affine or bn in seen:
+            continue
+        if bn.weight.grad is None or bn.bias.grad is None:
+            continue
+        seen.add(bn)  # a batch norm appears once per direction; count it once
+        idx = torch.tensor(item.idxs, dtype=torch.long, device=bn.weight.device)
+        score.index_add_(0, torch.tensor(item.root_idxs, dtype=torch.long), gate(bn, idx).float().cpu())
+    return score
+
+
 class BNScale(Importance):
     """|γ| of the batch-norm layers coupled to a channel (network slimming)."""
 
@@ -86,9 +120,23 @@ class BNScale(Importance):
 
 class Random(Importance):
     """Uniform random scores: the sanity-check baseline. Draws from torch's global RNG, which the
-    run seeds, so the same seed prunes the same weights."""
+    run seeds, so the same seed prunes the same weights. With `seed`, each weight's scores come
+    from a generator seeded by (seed, weight name) instead: identical on every DDP rank whatever
+    else drew from the global RNG (the random initial masks of dynamic sparse training)."""
 
     name = "random"
+
+    def __init__(self, seed: int | None = None):
+        self.seed = seed
+
+    def weight_scores(self, params):
+        if self.seed is None:
+            return super().weight_scores(params)
+        out = {}
+        for n, p in params.items():
+            g = torch.Generator().manual_seed(int(self.seed) * 1_000_003 + zlib.crc32(n.encode()))
+            out[n] = torch.rand(p.shape, generator=g).to(p.device)
+        return out
 
     def score(self, p):
         return torch.rand(p.shape, device=p.device)
@@ -97,7 +145,8 @@ class Random(Importance):
         return tp.importance.RandomImportance()
 
 
-IMPORTANCES = {"magnitude": Magnitude, "taylor": Taylor, "gradient": Gradient, "bn_scale": BNScale, "random": Random}
+IMPORTANCES = {"magnitude": Magnitude, "taylor": Taylor, "taylor_bn": TaylorBN, "gradient": Gradient, "bn_scale": BNScale,
+               "random": Random}
 
 
 def build_importance(spec) -> Importance:

@@ -5,7 +5,10 @@ steps so a schedule means the same thing whatever the epoch count or number of d
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+from prune_lab.errors import PruneLabError
 
 
 @dataclass
@@ -51,3 +54,65 @@ class Cubic:
             return 1.0 if step >= s else 0.0
         p = min(max((step - s) / (e - s), 0.0), 1.0)
         return 1.0 - (1.0 - p) ** 3
+
+
+# -- drop-fraction schedules of dynamic sparse training ----------------------------------------
+def _check_decay(name: str, init: float, every: int, end: float) -> None:
+    if not 0.0 < float(init) <= 1.0:
+        raise PruneLabError(f"{name}.init={init} is outside (0, 1]: it is the fraction of active units moved")
+    if int(every) < 1:
+        raise PruneLabError(f"{name}.every={every} must be a positive number of optimizer steps")
+    if not 0.0 < float(end) <= 1.0:
+        raise PruneLabError(f"{name}.end={end} is outside (0, 1]: it is the fraction of training after which "
+                            "the structure stays fixed")
+
+
+class _Decay:
+    """Shared timing: updates every `every` optimizer steps, strictly after step 0 (where the
+    initial mask is made) and strictly before `end` · total steps (RigL's t < T_end)."""
+
+    init: float
+    every: int
+    end: float
+
+    def end_step(self, total_steps: int) -> int:
+        return max(int(self.end * total_steps), 1)
+
+    def is_update(self, step: int, total_steps: int) -> bool:
+        return 0 < step < self.end_step(total_steps) and step % self.every == 0
+
+    def progress(self, step: int, total_steps: int) -> float:
+        return min(max(step / self.end_step(total_steps), 0.0), 1.0)
+
+
+@dataclass
+class CosineDecay(_Decay):
+    """RigL's drop fraction (Evci et al. 2020): f(t) = init/2 · (1 + cos(π t / t_end))."""
+
+    init: float = 0.3
+    every: int = 100
+    end: float = 0.75
+
+    def __post_init__(self):
+        _check_decay("CosineDecay", self.init, self.every, self.end)
+
+    def fraction(self, step: int, total_steps: int) -> float:
+        return self.init / 2 * (1 + math.cos(math.pi * self.progress(step, total_steps)))
+
+
+@dataclass
+class ExponentialDecay(_Decay):
+    """f(t) = init · (final/init)^(t / t_end): `init` at step 0, `final` at `end` (IEE's Ω_t)."""
+
+    init: float = 0.3
+    final: float = 0.01
+    every: int = 100
+    end: float = 0.75
+
+    def __post_init__(self):
+        _check_decay("ExponentialDecay", self.init, self.every, self.end)
+        if not 0.0 < float(self.final) <= float(self.init):
+            raise PruneLabError(f"ExponentialDecay.final={self.final} must be in (0, init={self.init}]")
+
+    def fraction(self, step: int, total_steps: int) -> float:
+        return self.init * (self.final / self.init) ** self.progress(step, total_steps)
