@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from prune_lab.errors import PruneLabError
 from prune_lab.models.registry import register_model
+from prune_lab.models.init import kaiming_init
 
 
 class BasicBlock(nn.Module):
@@ -69,13 +70,7 @@ class CifarResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def reset_parameters(self) -> None:
-        # He et al. initialise with the scheme of their PReLU paper (Kaiming normal, fan_out).
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        kaiming_init(self)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.act1(self.bn1(self.conv1(x)))

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from prune_lab.errors import PruneLabError
 from prune_lab.models.registry import register_model
+from prune_lab.models.init import kaiming_init
 
 # Channel counts at width 64; "M" is a 2x2 max-pool.
 CFGS: dict[str, list[int | str]] = {
@@ -40,12 +41,7 @@ class VGG(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        kaiming_init(self)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc(self.pool(self.features(x)).flatten(1))

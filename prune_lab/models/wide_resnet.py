@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from prune_lab.errors import PruneLabError
 from prune_lab.models.registry import register_model
+from prune_lab.models.init import kaiming_init
 
 
 class PreActBlock(nn.Module):
@@ -72,13 +73,9 @@ class WideResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def reset_parameters(self) -> None:
+        kaiming_init(self)
         for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Linear):
+            if isinstance(module, nn.Linear):
                 nn.init.zeros_(module.bias)
 
     def forward(self, x: Tensor) -> Tensor:
