@@ -118,6 +118,7 @@ def ddp_overrides() -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 @pytest.mark.parametrize("method,updates", [("rigl", 5), ("set", 5), ("iee", 9)])
 def test_two_process_ddp_takes_identical_mask_decisions(method, updates, tmp_path):
     """Two CPU processes (gloo), each on half of every batch. After every structural update the
@@ -125,7 +126,8 @@ def test_two_process_ddp_takes_identical_mask_decisions(method, updates, tmp_pat
     ranks differ; the count of agreeing checks is checkpointed."""
     common = [*FAST, "epochs=4", "dense.epochs=4", f"paths.dense_dir={tmp_path / 'dense'}"]
     run_dir = tmp_path / "run"
-    proc = run_cli([*common, f"method={method}", "budget=0.9", *DST[method], *ddp_overrides(),
+    # data.batch_size is the global batch: 128 = 64 per rank, 9 steps per epoch
+    proc = run_cli([*common, f"method={method}", "budget=0.9", *DST[method], *ddp_overrides(), "data.batch_size=128",
                     f"hydra.run.dir={run_dir}"], timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads((run_dir / "results.json").read_text())
