@@ -18,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -233,6 +234,7 @@ def main() -> int:
     ap.add_argument("--round-to", type=int, default=16, help="kept channels rounded to this multiple")
     args = ap.parse_args()
     torch.manual_seed(0)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.jit")  # the frozen layout uses it
     quick = args.quick
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     t_start = time.time()
