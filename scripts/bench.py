@@ -252,7 +252,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=Path, default=Path("bench.json"))
-    ap.add_argument("--round-to", type=int, default=16, help="kept channels rounded to this multiple")
+    ap.add_argument("--round-to", type=int, default=32, help="kept channels rounded to this multiple")
     args = ap.parse_args()
     torch.manual_seed(0)
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.jit")  # the frozen layout uses it
