@@ -32,3 +32,15 @@ def run_cli(args: list[str], cwd: Path = ROOT, timeout: int = 300) -> subprocess
 def dense_dir(tmp_path_factory) -> Path:
     """One dense-reference cache for the whole session, as a sweep would share it."""
     return tmp_path_factory.mktemp("dense")
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a shared 2-core box, OpenMP barriers of oversubscribed threads make
+    big-tensor tests many times slower; restored afterwards. Use with `pytest.mark.usefixtures`."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -19,14 +19,7 @@ from prune_lab.sparsity.importance import BNScale, Gradient, Magnitude, Random, 
 from prune_lab.sparsity.measure import layer_macs
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core box, OpenMP barriers of oversubscribed threads
-    make these big-tensor tests many times slower; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- helpers ----------------------------------------------------------------------------------

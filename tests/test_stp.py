@@ -18,12 +18,7 @@ from prune_lab.sparsity.subnet import Arch, SubnetSpace
 from test_pipeline import run_fast
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def randomised(model):
