@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import FAST, ROOT, compose_cfg, run_cli
+from conftest import FAST, compose_cfg, run_cli
 from prune_lab.errors import PruneLabError
 from prune_lab.export import load_model
 from prune_lab.methods.iee import IEE
@@ -112,9 +112,7 @@ def test_bad_values_name_the_value_and_the_accepted_ones(args, words, tmp_path, 
 
 
 def ddp_overrides() -> list[str]:
-    if (ROOT / "conf/trainer/ddp.yaml").is_file():
-        return ["trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu"]
-    return ["+trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu"]
+    return ["trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu"]
 
 
 @pytest.mark.slow
