@@ -171,15 +171,20 @@ def test_mask_grads_zeroes_masked_gradients():
         assert torch.equal(params[n].grad[m], raw[n][m])
 
 
-def test_sgd_momentum_weight_decay_then_apply_keeps_masked_zero():
-    model = small_cnn()
-    ms = MaskSet(model)
+def warmed_sgd(model):
+    """SGD with momentum and weight decay after two steps: momentum is built up everywhere."""
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-    # build up momentum everywhere first, then prune
     for i in range(2):
         opt.zero_grad()
         loss_step(model, seed=10 + i)
         opt.step()
+    return opt
+
+
+def test_sgd_momentum_weight_decay_then_apply_keeps_masked_zero():
+    model = small_cnn()
+    ms = MaskSet(model)
+    opt = warmed_sgd(model)  # then prune
     masks = random_masks(ms, density=0.3)
     ms.apply()
     params = dict(model.named_parameters())
@@ -201,11 +206,7 @@ def test_sgd_step_without_apply_moves_masked_weights_unless_state_is_masked():
     def run(mask_state: bool):
         model = small_cnn()
         ms = MaskSet(model)
-        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-        for i in range(2):
-            opt.zero_grad()
-            loss_step(model, seed=10 + i)
-            opt.step()
+        opt = warmed_sgd(model)
         masks = random_masks(ms, density=0.3)
         ms.apply()
         if mask_state:
