@@ -279,9 +279,10 @@ def run(cfg: DictConfig) -> dict:
         log.warning("achieved %s reduction %.4f is outside ±%.3f of budget %.3f", cfg.method.target, achieved,
                     tol, cfg.budget)
     lat_cfg = cfg.latency
-    cl = bool(lat_cfg.get("channels_last", False))
-    dense_ms = latency_ms(dense_model, example.cpu(), lat_cfg.batch_size, lat_cfg.warmup, lat_cfg.repeats, cl)
-    pruned_ms = latency_ms(final, example.cpu(), lat_cfg.batch_size, lat_cfg.warmup, lat_cfg.repeats, cl)
+    cl, fold = bool(lat_cfg.get("channels_last", False)), bool(lat_cfg.get("fold_bn", False))
+    lat, folded = latency_ms({"dense": dense_model, "pruned": final}, example.cpu(), lat_cfg.batch_size,
+                             lat_cfg.warmup, lat_cfg.repeats, cl, fold)
+    dense_ms, pruned_ms = lat["dense"], lat["pruned"]
     layers = report.layer_table(dense_model, final)
     results = {
         "schema": report.SCHEMA, "method": cfg.method.name,
@@ -291,8 +292,8 @@ def run(cfg: DictConfig) -> dict:
         "dense": {k: dense[k] for k in ("top1", "top5", "params", "flops")},
         "pruned": pruned,
         "budget_met": cfg.method.name == "dense" or abs(achieved - cfg.budget) <= tol,
-        "latency": {"device": "cpu", "batch_size": lat_cfg.batch_size, "channels_last": cl, "dense_ms": dense_ms,
-                    "pruned_ms": pruned_ms, "speedup": dense_ms / pruned_ms},
+        "latency": {"device": "cpu", "batch_size": lat_cfg.batch_size, "channels_last": cl, "bn_folded": folded,
+                    "dense_ms": dense_ms, "pruned_ms": pruned_ms, "speedup": dense_ms / pruned_ms},
         "layers": layers,
         "train": {"epochs": int(trainer.current_epoch), "steps": int(trainer.global_step), "wall_s": wall,
                   "world_size": int(trainer.world_size), "total_wall_s": time.time() - t_start,

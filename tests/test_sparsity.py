@@ -16,7 +16,8 @@ from prune_lab.sparsity import (IMPORTANCES, Cubic, Importance, MaskSet, OneShot
                                 prunable_weights, sparse_flops, uniform_allocation)
 from prune_lab.sparsity.allocation import layer_sparsities
 from prune_lab.sparsity.importance import BNScale, Gradient, Magnitude, Random, Taylor
-from prune_lab.sparsity.measure import layer_macs
+from prune_lab.models import create_model
+from prune_lab.sparsity.measure import inference_copy, layer_macs
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -566,9 +567,54 @@ def test_count_params_and_nonzero():
     assert count_nonzero(model) == nz - model[0].weight[0].numel()
 
 
-def test_latency_ms_positive_float():
+def test_latency_ms_measures_copies_and_leaves_models_untouched():
     model = small_cnn()
     model.train()
-    t = latency_ms(model, torch.randn(1, 3, 16, 16), batch_size=4, warmup=1, repeats=3)
-    assert isinstance(t, float) and t > 0 and math.isfinite(t)
-    assert model.training
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    times, folded = latency_ms({"a": model, "b": small_cnn()}, torch.randn(1, 3, 16, 16), batch_size=4,
+                               warmup=1, repeats=3, channels_last=True, fold_bn=True)
+    assert set(times) == {"a", "b"} and all(t > 0 and math.isfinite(t) for t in times.values())
+    assert folded
+    assert model.training and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+
+
+def test_inference_copy_folds_bn_without_changing_outputs():
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=10)
+    model.train()
+    x = torch.randn(8, 3, 32, 32)
+    model(x)  # non-trivial running statistics
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.uniform_(m.bias, -0.2, 0.2)
+    served, folded = inference_copy(model, channels_last=True, fold_bn=True)
+    assert folded and not any(isinstance(m, nn.BatchNorm2d) for m in served.modules())
+    assert served.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    model.eval()
+    with torch.no_grad():
+        ref = model(x)
+        out = served(x.contiguous(memory_format=torch.channels_last))
+    assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # the original keeps its BN
+
+
+def test_inference_copy_keeps_bn_when_fx_cannot_trace(caplog):
+    class DataDependent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            if x.sum() > 0:  # control flow on values: symbolic tracing fails
+                x = -x
+            return self.bn(self.conv(x))
+
+    model = DataDependent().eval()
+    served, folded = inference_copy(model, channels_last=False, fold_bn=True)
+    assert not folded and isinstance(served.bn, nn.BatchNorm2d)
+    assert "BN not folded" in caplog.text
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(served(x), model(x))

@@ -1,4 +1,4 @@
-"""What a model costs: parameters, nonzero parameters, FLOPs (MACs) and latency.
+"""What a model costs: parameters, nonzero parameters, FLOPs (MACs) and latency as served.
 
 FLOPs follow DESIGN.md §3: multiply-accumulates of conv and linear layers for one input, i.e.
 `torch.utils.flop_counter` divided by 2, so anyone can re-count them from an exported model.
@@ -6,14 +6,18 @@ FLOPs follow DESIGN.md §3: multiply-accumulates of conv and linear layers for o
 from __future__ import annotations
 
 import copy
+import logging
 import statistics
 import time
 
 import torch
 from torch import nn
+from torch.fx.experimental.optimization import fuse as fx_fuse
 from torch.utils.flop_counter import FlopCounterMode
 
 from prune_lab.sparsity.masks import PRUNABLE_TYPES
+
+log = logging.getLogger(__name__)
 
 
 def count_params(model: nn.Module) -> int:
@@ -66,28 +70,60 @@ def sparse_flops(model: nn.Module, example_input: torch.Tensor) -> int:
     return int(round(total))
 
 
-@torch.no_grad()
-def latency_ms(model: nn.Module, example_input: torch.Tensor, batch_size: int = 16,
-               warmup: int = 3, repeats: int = 10, channels_last: bool = False) -> float:
-    """Median wall time of one eval forward at `batch_size`, in milliseconds.
+def inference_copy(model: nn.Module, channels_last: bool = True, fold_bn: bool = True) -> tuple[nn.Module, bool]:
+    """An eval-mode copy of `model` as it would be served, and whether BN was folded.
 
-    `channels_last` measures a copy in NHWC layout, the fast path of oneDNN and cuDNN for
-    convolutions; thin pruned layers gain the most from it (scripts/bench.py compares)."""
-    x = example_input[:1].expand(batch_size, *example_input.shape[1:]).contiguous()
-    if channels_last and x.dim() == 4:
-        model = copy.deepcopy(model).to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
-    was_training = model.training
-    model.eval()
+    `fold_bn` folds every BatchNorm that directly follows a conv or linear layer into its weights
+    (torch.fx's `fuse`): BN is memory-bound, so it costs a thin pruned network relatively more
+    than a wide dense one. Models that torch.fx cannot trace keep their BN (False is returned).
+    `channels_last` stores conv weights in NHWC, the fast path of oneDNN and cuDNN."""
+    copy_ = copy.deepcopy(model).eval()
+    folded = False
+    if fold_bn and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in copy_.modules()):
+        try:
+            copy_ = fx_fuse(copy_, inplace=True)
+            folded = True
+        except Exception as e:  # noqa: BLE001 - tracing fails in many model-specific ways
+            log.warning("BN not folded for latency: torch.fx cannot trace %s (%s)", type(model).__name__,
+                        str(e).splitlines()[0][:120])
+    if channels_last:
+        copy_ = copy_.to(memory_format=torch.channels_last)
+    return copy_, folded
+
+
+@torch.no_grad()
+def interleaved_latency_ms(models: dict[str, nn.Module], x: torch.Tensor, warmup: int = 3,
+                           repeats: int = 10) -> dict[str, list[float]]:
+    """Wall times (ms) of one forward of each model on `x`, `repeats` rounds, the models taking
+    turns within a round (in alternating order), so that drift of the machine hits all alike."""
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-    for _ in range(warmup):
-        model(x)
-    sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        model(x)
-        sync()
-        times.append((time.perf_counter() - t0) * 1e3)
-    model.train(was_training)
-    return statistics.median(times)
+    for m in models.values():
+        for _ in range(warmup):
+            m(x)
+    names = list(models)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(repeats):
+        for k in (names if r % 2 == 0 else names[::-1]):
+            sync()
+            t0 = time.perf_counter()
+            models[k](x)
+            sync()
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def latency_ms(models: dict[str, nn.Module], example_input: torch.Tensor, batch_size: int = 16,
+               warmup: int = 3, repeats: int = 10, channels_last: bool = False,
+               fold_bn: bool = False) -> tuple[dict[str, float], bool]:
+    """Median wall time (ms) of one eval forward at `batch_size` of each model, measured
+    interleaved on copies prepared by `inference_copy` (the models themselves are not touched),
+    and whether BN was folded in every one of them."""
+    x = example_input[:1].expand(batch_size, *example_input.shape[1:]).contiguous()
+    prepared, folded = {}, []
+    for k, m in models.items():
+        prepared[k], f = inference_copy(m, channels_last and x.dim() == 4, fold_bn)
+        folded.append(f)
+    if channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    times = interleaved_latency_ms(prepared, x, warmup, repeats)
+    return {k: statistics.median(v) for k, v in times.items()}, fold_bn and all(folded)

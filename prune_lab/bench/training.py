@@ -1,0 +1,281 @@
+"""What prune_lab costs while training: masked vs dense steps, structural mask updates, peak
+memory, and the search methods' fitness evaluations (scripts/bench.py reports them)."""
+from __future__ import annotations
+
+import contextlib
+import copy
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+from prune_lab.callbacks import MaskUpdate
+from prune_lab.methods.iee import IEE
+from prune_lab.models import classifier_of, create_model
+from prune_lab.sparsity import CosineDecay, Cubic, DropGrow, MaskSet, masks_from_scores, prunable_weights
+
+
+def timed(fn, sync) -> float:
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t0
+
+
+def autocast(device: str, amp: str | None):
+    return torch.autocast(device, dtype=torch.bfloat16) if amp == "bf16" else contextlib.nullcontext()
+
+
+def sparse_masks(model, sparsity: float) -> MaskSet:
+    masks = MaskSet(model)
+    scores = {n: p.detach().abs() for n, p in prunable_weights(model).items()}
+    for n, keep in masks_from_scores(scores, sparsity, "erk").items():
+        masks.set(n, keep)
+    masks.apply()
+    return masks
+
+
+def train_overhead(name: str, model, x, y, steps: int, rounds: int, sync, amp=None, compile_=False) -> dict:
+    """Masked training step (masks on gradients and weights every step) vs the dense step."""
+    dense, masked = model, copy.deepcopy(model)
+    masks = sparse_masks(masked, 0.9)
+    opts = {id(m): torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4) for m in (dense, masked)}
+    # torch.compile wraps the forward only: masks act on the parameters outside the graph
+    fwd = {id(m): torch.compile(m) if compile_ else m for m in (dense, masked)}
+
+    def step(m, enforce):
+        opt = opts[id(m)]
+        opt.zero_grad(set_to_none=True)
+        with autocast(x.device.type, amp):
+            loss = F.cross_entropy(fwd[id(m)](x), y)
+        loss.backward()
+        if enforce:
+            masks.mask_grads()
+        opt.step()
+        if enforce:
+            masks.apply()
+
+    for _ in range(3 if compile_ else 1):  # warm-up (compilation included)
+        for m, e in ((dense, False), (masked, True)):
+            step(m, e)
+    t_dense, t_masked = [], []
+    for r in range(rounds):  # alternate which goes first, so neither inherits the other's cache state
+        order = ((dense, False, t_dense), (masked, True, t_masked))
+        for m, enforce, out in (order if r % 2 == 0 else order[::-1]):
+            out.append(timed(lambda: [step(m, enforce) for _ in range(steps)], sync) / steps)
+    d, m = statistics.median(t_dense), statistics.median(t_masked)
+    # the enforcement alone, timed directly: end-to-end step ratios carry a few % of noise on CPU
+    ops = statistics.median(timed(lambda: (masks.mask_grads(), masks.apply()), sync) for _ in range(50))
+    return {"model": name, "batch": len(x), "amp": amp, "compile": compile_, "dense_step_ms": 1e3 * d,
+            "masked_step_ms": 1e3 * m, "ratio": m / d, "mask_ops_ms": 1e3 * ops, "mask_ops_fraction_of_step": ops / d}
+
+
+class StepDriver:
+    """A bare training loop over one synthetic batch that drives a method's real update code and
+    times it: `hook_s[step]` is the time spent in the method's hooks at that optimizer step, and
+    `changed_steps` the steps at which the masks changed (so no benchmark times a no-op)."""
+
+    def __init__(self, model, x, y, sync, start_sparsity: float | None = 0.9):
+        self.model, self.x, self.y, self.sync = model, x, y, sync
+        # sparse methods start from a random-like 90 % ERK mask; gradual pruning starts dense
+        self.masks = MaskSet(model) if start_sparsity is None else sparse_masks(model, start_sparsity)
+        self.opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        self.hook_s: dict[int, float] = {}
+        self.changed_steps: list[int] = []
+        self.module = SimpleNamespace(model=model, masks=self.masks)  # what MaskUpdate.update reads
+
+    def hook(self, step, fn, *args):
+        self.sync()
+        t0 = time.perf_counter()
+        out = fn(*args)
+        self.sync()
+        self.hook_s[step] = self.hook_s.get(step, 0.0) + time.perf_counter() - t0
+        return out
+
+    def step_ms(self, repeats: int = 5) -> float:
+        def plain():
+            self.opt.zero_grad(set_to_none=True)
+            F.cross_entropy(self.model(self.x), self.y).backward()
+            self.opt.step()
+        plain()
+        return 1e3 * statistics.median(timed(plain, self.sync) for _ in range(repeats))
+
+    def run(self, steps: int, total: int, policy=None, gmp: MaskUpdate | None = None):
+        if policy is not None:
+            policy.bind(self.model, self.masks, self.x[:1], classifier_of(self.model)[1])
+        opts = [self.opt]
+        snapshot = self._snapshot()
+        for step in range(steps):
+            if gmp is not None and gmp.schedule.is_update(step, total):
+                self.hook(step, lambda: (gmp.update(self.module, (self.x, self.y), 0.9 * gmp.schedule.fraction(step, total)),
+                                         self.masks.mask_optimizer_state(self.opt)))
+            if policy is not None:
+                self.hook(step, policy.before_forward, step, total, opts)
+            self.opt.zero_grad(set_to_none=True)
+            F.cross_entropy(self.model(self.x), self.y).backward()
+            if policy is not None:
+                self.hook(step, policy.after_backward, step, total, opts)
+                self.hook(step, policy.before_optimizer_step, step, self.opt)
+            self.masks.mask_grads()
+            self.opt.step()
+            self.masks.apply()
+            if policy is not None:
+                self.hook(step, policy.after_optimizer_step, step, self.opt)
+            now = self._snapshot()
+            if any(not torch.equal(now[n], snapshot[n]) for n in now):
+                self.changed_steps.append(step)
+            snapshot = now
+
+    def _snapshot(self) -> dict[str, torch.Tensor]:
+        return {n: self.masks[n].clone() for n in self.masks.prunable}
+
+
+def update_cost(x, y, sync) -> dict:
+    """Each dynamic method's structural updates (its real update code, driven step by step on
+    ResNet-20), as a fraction of training time at the method's default update period:
+
+        GMP   one cubic-schedule update (magnitude scores + masks + optimizer state) every 20 steps
+        RigL  one drop-and-grow (|w| drop, |∂L/∂w| grow, optimizer-state reset) every 100 steps
+        IEE   per 450-step cycle: prune, start of exploration and grow, plus its per-step work in
+              the 150 exploration steps (active weights and optimizer state restored after each)
+
+    Update hooks are timed over a short run (IEE with 3-step phases) and amortised with the
+    default periods; the training step is timed alone on the same model and batch."""
+    def fresh(start_sparsity=0.9):
+        return StepDriver(create_model("resnet20", num_classes=10).to(x.device), x, y, sync, start_sparsity)
+
+    out = {}
+    t = fresh(start_sparsity=None)
+    step_ms = t.step_ms()
+    gmp = MaskUpdate(budget=0.9, importance="magnitude", distribution="uniform", schedule=Cubic(end=1.0, every=1))
+    t.run(6, total=40, gmp=gmp)
+    upd = 1e3 * statistics.median([t.hook_s[s] for s in range(2, 6)])  # step 0 prunes nothing; 1 builds caches
+    out["gmp"] = {"update_ms": upd, "period_steps": 20, "fraction": upd / (upd + 20 * step_ms),
+                  "changed_steps": t.changed_steps}
+
+    t = fresh()
+    rigl = DropGrow(grow="gradient", schedule=CosineDecay(init=0.3, every=2, end=1.0))
+    t.run(8, total=10, policy=rigl)
+    upd = 1e3 * statistics.median(t.hook_s[s] for s in range(2, 8, 2))
+    out["rigl"] = {"update_ms": upd, "period_steps": 100, "fraction": upd / (upd + 100 * step_ms),
+                   "changed_steps": t.changed_steps}
+
+    t = fresh()
+    h = j = q = 3
+    iee = IEE(estimate_steps=h, improve_steps=j, explore_steps=q, stop=1.0)
+    t.run(3 * (h + j + q) + 1, total=3 * (h + j + q) + 2, policy=iee)
+    cyc = h + j + q
+    per_kind: dict[str, list[float]] = {}
+    for step, s in t.hook_s.items():
+        r = step % cyc
+        kind = "grow" if r == 0 and step > 0 else "prune" if r == h else "start_explore" if r == h + j else \
+            iee.phase(step, iee.total_steps)
+        per_kind.setdefault(kind, []).append(1e3 * s)
+    med = {k: statistics.median(v) for k, v in per_kind.items()}
+    default = {"estimate": 150, "improve": 150, "explore": 150}
+    # transition steps carry their phase's per-step work too; counted once, as the transition
+    cycle_ms = med["grow"] + med["prune"] + med["start_explore"] + sum(
+        n * med.get(k, 0.0) for k, n in default.items()) - med.get("estimate", 0) - med.get("improve", 0) - \
+        med.get("explore", 0)
+    out["iee"] = {"hook_ms_by_kind": med, "period_steps": 450, "cycle_hooks_ms": cycle_ms,
+                  "fraction": cycle_ms / (cycle_ms + 450 * step_ms), "changed_steps": t.changed_steps}
+    out["step_ms"] = step_ms
+    out["worst"] = max(("gmp", "rigl", "iee"), key=lambda k: out[k]["fraction"])
+    return out
+
+
+PEAK_CHILD = """
+import sys, torch, torch.nn.functional as F
+sys.path.insert(0, {root!r})
+from prune_lab.models import create_model
+from prune_lab.bench.training import sparse_masks
+torch.manual_seed(0)
+m = create_model('resnet20', num_classes=10); x = torch.randn({batch}, 3, 32, 32); y = torch.randint(0, 10, ({batch},))
+masks = sparse_masks(m, 0.9) if {masked} else None
+opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
+for _ in range(3):
+    opt.zero_grad(); F.cross_entropy(m(x), y).backward()
+    if masks: masks.mask_grads()
+    opt.step()
+    if masks: masks.apply()
+print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])
+"""
+
+
+def peak_memory(batch: int, device: str) -> dict:
+    """Peak memory of training ResNet-20 dense vs masked: on CPU the peak resident set of fresh
+    processes, on a GPU torch.cuda.max_memory_allocated in this one."""
+    if device == "cuda":
+        peak = {}
+        for masked in (False, True):
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            m = create_model("resnet20", num_classes=10).cuda()
+            x, y = torch.randn(batch, 3, 32, 32, device="cuda"), torch.randint(0, 10, (batch,), device="cuda")
+            masks = sparse_masks(m, 0.9) if masked else None
+            opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
+            for _ in range(3):
+                opt.zero_grad()
+                F.cross_entropy(m(x), y).backward()
+                if masks:
+                    masks.mask_grads()
+                opt.step()
+                if masks:
+                    masks.apply()
+            torch.cuda.synchronize()
+            peak[masked] = torch.cuda.max_memory_allocated() // 1024
+            del m, masks, opt
+        return {"dense_kb": peak[False], "masked_kb": peak[True], "ratio": peak[True] / peak[False], "device": "cuda"}
+    root = str(Path(__file__).resolve().parents[2])
+    kb = {}
+    for masked in (False, True):
+        code = PEAK_CHILD.format(root=root, batch=batch, masked=masked)
+        kb[masked] = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                        check=True, cwd=root).stdout.split()[-1])
+    return {"dense_kb": kb[False], "masked_kb": kb[True], "ratio": kb[True] / kb[False], "device": "cpu"}
+
+
+def stp_search_cost(evals: int, device: str, sync) -> dict:
+    """One STP fitness evaluation: the KD loss of a subnet (run inside the full model) on a batch."""
+    from prune_lab.sparsity.calibration import frozen_bn_stats
+    from prune_lab.sparsity.subnet import SubnetSpace
+    import random
+
+    model = create_model("resnet56", num_classes=10).train()
+    x = torch.randn(256, 3, 32, 32)
+    space = SubnetSpace(model, x[:1], ignored=[model.fc])
+    model, x = model.to(device), x.to(device)
+    rng = random.Random(0)
+    archs = [space.random(rng) for _ in range(evals)]
+
+    def evaluate():
+        for a in archs:
+            with space.activate(a):
+                F.kl_div(F.log_softmax(model(x), 1), F.softmax(full, 1), reduction="batchmean").item()
+
+    with torch.no_grad(), frozen_bn_stats(model):
+        full = model(x)
+        per_eval = timed(evaluate, sync) / evals
+    return {"model": "resnet56", "images": len(x), "seconds_per_fitness_eval": per_eval}
+
+
+def unipts_search_cost(evals: int, device: str, sync) -> dict:
+    """One UniPTS fitness evaluation: prune to an allocation, re-estimate BN, calibration top-1."""
+    from prune_lab.callbacks.search import AllocationFitness
+    from prune_lab.methods.unipts import decode_genome
+
+    model = create_model("resnet56", num_classes=10).to(device)
+    batches = [(torch.randn(128, 3, 32, 32, device=device), torch.randint(0, 10, (128,), device=device))
+               for _ in range(4)]
+    weights = prunable_weights(model)
+    numel = {n: p.numel() for n, p in weights.items()}
+    fitness = AllocationFitness(model, list(weights), batches)
+    genomes = [torch.randn(len(numel), generator=torch.Generator().manual_seed(i)) for i in range(evals)]
+    per_eval = timed(lambda: [fitness(decode_genome(g, numel, 0.9)) for g in genomes], sync) / evals
+    return {"model": "resnet56", "images": 512, "seconds_per_fitness_eval": per_eval}
