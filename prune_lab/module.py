@@ -36,9 +36,12 @@ def make_scheduler(factory: Callable, optimizer, total_steps: int):
 
 class PruneLabModule(L.LightningModule):
     def __init__(self, model: nn.Module, num_classes: int, example_input: torch.Tensor,
-                 optimizer: Callable, scheduler: Callable | None = None, label_smoothing: float = 0.0):
+                 optimizer: Callable, scheduler: Callable | None = None, label_smoothing: float = 0.0,
+                 channels_last: bool = False):
         super().__init__()
         self.model = model
+        # train in NHWC: the fast path of oneDNN and cuDNN convolutions (scripts/bench.py measures it)
+        self.channels_last = channels_last and example_input.dim() == 4
         self.masks = MaskSet(model)
         self.register_buffer("example_input", example_input[:1].clone(), persistent=False)
         self.classifier_name, self.classifier = classifier_of(model)
@@ -74,7 +77,22 @@ class PruneLabModule(L.LightningModule):
         self.masks.bind(self.model)
         self.classifier_name, self.classifier = classifier_of(self.model)
 
+    def setup(self, stage):
+        # after the callbacks' setup (which may shrink or expand the model), before the optimizer
+        # and DDP see the parameters; `.to(memory_format=)` keeps the Parameter objects
+        if stage == "fit" and self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+            self.masks.bind(self.model)
+
+    def on_fit_end(self):
+        # export, torch.export and safetensors expect the default layout
+        if self.channels_last:
+            self.model.to(memory_format=torch.contiguous_format)
+            self.masks.bind(self.model)
+
     def forward(self, x):
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.model(x)
 
     def training_step(self, batch, batch_idx):

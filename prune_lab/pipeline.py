@@ -98,6 +98,8 @@ def dense_key(cfg: DictConfig) -> str:
     model = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "weights"}
     module = OmegaConf.to_container(cfg.module, resolve=True)
     module["optimizer"]["lr"] = cfg.dense.lr
+    if not module.get("channels_last"):  # the default layout: cache keys stay those of earlier versions
+        module.pop("channels_last", None)
     blob = json.dumps({"v": 1, "model": model, "data": data, "dense": OmegaConf.to_container(cfg.dense, resolve=True),
                        "module": module, "seed": cfg.seed, "precision": str(cfg.trainer.get("precision"))},
                       sort_keys=True)
@@ -127,7 +129,7 @@ def dense_reference(cfg: DictConfig, dm, model: torch.nn.Module, example: torch.
     dense_model = copy.deepcopy(model)
     optimizer = build(cfg.module.optimizer, lr=cfg.dense.lr)
     module = PruneLabModule(dense_model, dm.num_classes, example, optimizer, build(cfg.module.scheduler),
-                            cfg.module.get("label_smoothing", 0.0))
+                            cfg.module.get("label_smoothing", 0.0), cfg.module.get("channels_last", False))
     tmp = cache.with_name(f".{cache.name}.tmp{os.getpid()}")
     trainer = build(cfg.trainer, max_epochs=cfg.dense.epochs, logger=False, enable_checkpointing=False,
                     callbacks=[build({"_target_": "lightning.pytorch.callbacks.RichProgressBar", "leave": False})],
@@ -246,7 +248,7 @@ def run(cfg: DictConfig) -> dict:
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = PruneLabModule(model, dm.num_classes, example, build(cfg.module.optimizer), build(cfg.module.scheduler),
-                            cfg.module.get("label_smoothing", 0.0))
+                            cfg.module.get("label_smoothing", 0.0), cfg.module.get("channels_last", False))
     module.teacher = copy.deepcopy(dense_model)  # the frozen dense reference, for distillation callbacks
     trainer = build(cfg.trainer, callbacks=callbacks + run_callbacks, logger=loggers or False)
     t_fit = time.time()

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -81,8 +80,10 @@ def test_same_seed_gives_identical_results(tmp_path, dense_dir):
     assert not all(torch.equal(sa[k], sc[k]) for k in sa)  # the seed matters
 
 
-def test_resume_mid_run_equals_uninterrupted(tmp_path, dense_dir):
-    common = ["method=gmp", "budget=0.8", "epochs=4", "method.every=3", "callbacks.model_checkpoint.save_top_k=-1"]
+@pytest.mark.parametrize("layout", [[], ["module.channels_last=true"]], ids=["nchw", "channels_last"])
+def test_resume_mid_run_equals_uninterrupted(layout, tmp_path, dense_dir):
+    common = ["method=gmp", "budget=0.8", "epochs=4", "method.every=3", "callbacks.model_checkpoint.save_top_k=-1",
+              *layout]
     full, _ = run_fast(tmp_path, dense_dir, *common, name="full")
     ckpt = tmp_path / "full/checkpoints/epoch001.ckpt"
     saved = torch.load(ckpt, map_location="cpu", weights_only=True)
@@ -93,6 +94,7 @@ def test_resume_mid_run_equals_uninterrupted(tmp_path, dense_dir):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert full["pruned"]["top1"] == resumed["pruned"]["top1"]
     assert resumed["train"]["steps"] == full["train"]["steps"]
+    assert abs(zero_fraction(sa) - 0.8) <= 0.005
 
 
 BAD = [

@@ -9,7 +9,6 @@ import torch
 import torch_pruning as tp
 import torchvision
 
-from conftest import FAST
 from prune_lab.export import load_model, remove_modules
 from prune_lab.methods.stp import ArchPool, StimulativeTraining, subnet_kl
 from prune_lab.models import classifier_of, create_model

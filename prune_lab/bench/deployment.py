@@ -21,6 +21,16 @@ def frozen(model, x):
         return torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(model, x)))
 
 
+def compiled(model, x):
+    """torch.compile (Inductor) with weights frozen as constants: BN folded, convolutions with
+    fused epilogues (ReLU, residual add), prepacked weights. Compiled here, for `x`'s shape."""
+    torch._dynamo.reset()  # a fresh cache per deployment: no recompilation limits, no dynamic shapes
+    with torch.no_grad(), torch._inductor.config.patch(freezing=True):
+        c = torch.compile(model, dynamic=False)
+        c(x)
+    return c
+
+
 class Autocast(torch.nn.Module):
     def __init__(self, inner, device):
         super().__init__()
@@ -33,13 +43,15 @@ class Autocast(torch.nn.Module):
 
 # deployments compared on CPU: (name, channels_last, fold_bn, extra); "served" is what results.json measures
 LAYOUTS = [("nchw", False, False, None), ("channels_last", True, False, None),
-           ("served", True, True, None), ("frozen", True, False, "frozen")]
+           ("served", True, True, None), ("frozen", True, False, "frozen"), ("compiled", True, False, "compiled")]
 
 
 def deploy(model, device: str, channels_last: bool, fold_bn: bool, extra, x):
     m = inference_copy(model, channels_last, fold_bn)[0].to(device)
     if extra == "frozen":
         m = frozen(m, x)
+    elif extra == "compiled":
+        m = compiled(m, x)
     elif extra == "bf16":
         m = Autocast(m, device)
     return m

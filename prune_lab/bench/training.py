@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import statistics
 import subprocess
 import sys
@@ -14,8 +15,6 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from prune_lab.callbacks import MaskUpdate
-from prune_lab.methods.iee import IEE
 from prune_lab.models import classifier_of, create_model
 from prune_lab.sparsity import CosineDecay, Cubic, DropGrow, MaskSet, masks_from_scores, prunable_weights
 
@@ -41,39 +40,64 @@ def sparse_masks(model, sparsity: float) -> MaskSet:
     return masks
 
 
+def sgd_step(model, x, y, amp=None, masks: MaskSet | None = None, compile_: bool = False):
+    """One training step of `model` on (x, y) as a closure; with `masks`, enforced as MaskUpdate
+    does (on the gradients before the step, on the weights after it)."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    # torch.compile wraps the forward only: masks act on the parameters outside the graph
+    forward = torch.compile(model) if compile_ else model
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with autocast(x.device.type, amp):
+            loss = F.cross_entropy(forward(x), y)
+        loss.backward()
+        if masks is not None:
+            masks.mask_grads()
+        opt.step()
+        if masks is not None:
+            masks.apply()
+    return step
+
+
+def interleaved_steps(steps_by_name: dict, steps: int, rounds: int, sync, warmup: int = 1) -> dict[str, float]:
+    """Median seconds per step of each closure, timed in rounds of `steps` steps that take turns
+    (alternating which goes first, so none inherits another's cache state or the machine's drift)."""
+    for _ in range(warmup):
+        for fn in steps_by_name.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in steps_by_name}
+    names = list(steps_by_name)
+    for r in range(rounds):
+        for k in (names if r % 2 == 0 else names[::-1]):
+            times[k].append(timed(lambda: [steps_by_name[k]() for _ in range(steps)], sync) / steps)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def train_overhead(name: str, model, x, y, steps: int, rounds: int, sync, amp=None, compile_=False) -> dict:
     """Masked training step (masks on gradients and weights every step) vs the dense step."""
     dense, masked = model, copy.deepcopy(model)
     masks = sparse_masks(masked, 0.9)
-    opts = {id(m): torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4) for m in (dense, masked)}
-    # torch.compile wraps the forward only: masks act on the parameters outside the graph
-    fwd = {id(m): torch.compile(m) if compile_ else m for m in (dense, masked)}
-
-    def step(m, enforce):
-        opt = opts[id(m)]
-        opt.zero_grad(set_to_none=True)
-        with autocast(x.device.type, amp):
-            loss = F.cross_entropy(fwd[id(m)](x), y)
-        loss.backward()
-        if enforce:
-            masks.mask_grads()
-        opt.step()
-        if enforce:
-            masks.apply()
-
-    for _ in range(3 if compile_ else 1):  # warm-up (compilation included)
-        for m, e in ((dense, False), (masked, True)):
-            step(m, e)
-    t_dense, t_masked = [], []
-    for r in range(rounds):  # alternate which goes first, so neither inherits the other's cache state
-        order = ((dense, False, t_dense), (masked, True, t_masked))
-        for m, enforce, out in (order if r % 2 == 0 else order[::-1]):
-            out.append(timed(lambda: [step(m, enforce) for _ in range(steps)], sync) / steps)
-    d, m = statistics.median(t_dense), statistics.median(t_masked)
+    t = interleaved_steps({"dense": sgd_step(dense, x, y, amp, None, compile_),
+                           "masked": sgd_step(masked, x, y, amp, masks, compile_)},
+                          steps, rounds, sync, warmup=3 if compile_ else 1)  # compilation in the warm-up
+    d, m = t["dense"], t["masked"]
     # the enforcement alone, timed directly: end-to-end step ratios carry a few % of noise on CPU
     ops = statistics.median(timed(lambda: (masks.mask_grads(), masks.apply()), sync) for _ in range(50))
     return {"model": name, "batch": len(x), "amp": amp, "compile": compile_, "dense_step_ms": 1e3 * d,
             "masked_step_ms": 1e3 * m, "ratio": m / d, "mask_ops_ms": 1e3 * ops, "mask_ops_fraction_of_step": ops / d}
+
+
+def channels_last_gain(name: str, model, x, y, steps: int, rounds: int, sync, amp=None) -> dict:
+    """Masked training in the default layout vs in channels-last (`module.channels_last=true`):
+    the speed-up of the step, masks enforced in both."""
+    nchw = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
+    nhwc = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    t = interleaved_steps({"nchw": sgd_step(nchw, x, y, amp, sparse_masks(nchw, 0.9)),
+                           "channels_last": sgd_step(nhwc, x.contiguous(memory_format=torch.channels_last), y, amp,
+                                                     sparse_masks(nhwc, 0.9))}, steps, rounds, sync)
+    return {"model": name, "batch": len(x), "amp": amp, "nchw_step_ms": 1e3 * t["nchw"],
+            "channels_last_step_ms": 1e3 * t["channels_last"], "speedup": t["nchw"] / t["channels_last"]}
 
 
 class StepDriver:
@@ -106,7 +130,7 @@ class StepDriver:
         plain()
         return 1e3 * statistics.median(timed(plain, self.sync) for _ in range(repeats))
 
-    def run(self, steps: int, total: int, policy=None, gmp: MaskUpdate | None = None):
+    def run(self, steps: int, total: int, policy=None, gmp=None):
         if policy is not None:
             policy.bind(self.model, self.masks, self.x[:1], classifier_of(self.model)[1])
         opts = [self.opt]
@@ -147,6 +171,10 @@ def update_cost(x, y, sync) -> dict:
 
     Update hooks are timed over a short run (IEE with 3-step phases) and amortised with the
     default periods; the training step is timed alone on the same model and batch."""
+    # imported here: the peak-memory child processes import this module and should stay light
+    from prune_lab.callbacks import MaskUpdate
+    from prune_lab.methods.iee import IEE
+
     def fresh(start_sparsity=0.9):
         return StepDriver(create_model("resnet20", num_classes=10).to(x.device), x, y, sync, start_sparsity)
 
@@ -190,55 +218,70 @@ def update_cost(x, y, sync) -> dict:
     return out
 
 
-PEAK_CHILD = """
-import sys, torch, torch.nn.functional as F
-sys.path.insert(0, {root!r})
-from prune_lab.models import create_model
-from prune_lab.bench.training import sparse_masks
-torch.manual_seed(0)
-m = create_model('resnet20', num_classes=10); x = torch.randn({batch}, 3, 32, 32); y = torch.randint(0, 10, ({batch},))
-masks = sparse_masks(m, 0.9) if {masked} else None
-opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
-for _ in range(3):
-    opt.zero_grad(); F.cross_entropy(m(x), y).backward()
-    if masks: masks.mask_grads()
-    opt.step()
-    if masks: masks.apply()
-print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])
-"""
+def _resident_kb() -> int:
+    return int(next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1])
 
 
-def peak_memory(batch: int, device: str) -> dict:
-    """Peak memory of training ResNet-20 dense vs masked: on CPU the peak resident set of fresh
-    processes, on a GPU torch.cuda.max_memory_allocated in this one."""
-    if device == "cuda":
-        peak = {}
-        for masked in (False, True):
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            m = create_model("resnet20", num_classes=10).cuda()
-            x, y = torch.randn(batch, 3, 32, 32, device="cuda"), torch.randint(0, 10, (batch,), device="cuda")
-            masks = sparse_masks(m, 0.9) if masked else None
-            opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
-            for _ in range(3):
-                opt.zero_grad()
-                F.cross_entropy(m(x), y).backward()
-                if masks:
-                    masks.mask_grads()
-                opt.step()
-                if masks:
-                    masks.apply()
-            torch.cuda.synchronize()
-            peak[masked] = torch.cuda.max_memory_allocated() // 1024
-            del m, masks, opt
-        return {"dense_kb": peak[False], "masked_kb": peak[True], "ratio": peak[True] / peak[False], "device": "cuda"}
+def _model_and_batch(name: str, batch: int, device: str):
+    if name == "resnet50":
+        import torchvision
+        m, size, classes = torchvision.models.resnet50(num_classes=1000), 224, 1000
+    else:
+        m, size, classes = create_model(name, num_classes=10), 32, 10
+    x, y = torch.randn(batch, 3, size, size, device=device), torch.randint(0, classes, (batch,), device=device)
+    return m.to(device), x, y
+
+
+def peak_training_memory(name: str, batch: int, masked: bool, device: str) -> tuple[int, int]:
+    """(baseline, peak) in KiB of three training steps of model `name` (resnet20 on 32², resnet50
+    on 224²): the baseline once the model and the batch exist, the peak at the end. CPU: the
+    process's peak resident set (so run it in a fresh process); GPU: torch.cuda's statistics."""
+    torch.manual_seed(0)
+    cuda = device == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    m, x, y = _model_and_batch(name, batch, device)
+    base = torch.cuda.memory_allocated() // 1024 if cuda else _resident_kb()
+    masks = sparse_masks(m, 0.9) if masked else None
+    opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(m(x), y).backward()
+        if masks:
+            masks.mask_grads()
+        opt.step()
+        if masks:
+            masks.apply()
+    if cuda:
+        torch.cuda.synchronize()
+    return base, (torch.cuda.max_memory_allocated() // 1024 if cuda else _resident_kb())
+
+
+def peak_memory(name: str, batch: int, device: str, repeats: int = 3) -> dict:
+    """Peak memory of training `name` masked (90 % ERK) vs dense, counted above what the model and batch
+    take before training (the import of torch alone is ~0.8 GB of resident memory and would
+    dilute the ratio). On CPU each run is a fresh process (the peak resident set never falls) in
+    which glibc serves every allocation of 64 KiB or more by mmap and returns it when freed:
+    with its default heap, fragmentation moves the peak by ±10 MB from process to process.
+    Medians over `repeats`."""
     root = str(Path(__file__).resolve().parents[2])
-    kb = {}
-    for masked in (False, True):
-        code = PEAK_CHILD.format(root=root, batch=batch, masked=masked)
-        kb[masked] = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                                        check=True, cwd=root).stdout.split()[-1])
-    return {"dense_kb": kb[False], "masked_kb": kb[True], "ratio": kb[True] / kb[False], "device": "cpu"}
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    runs: dict[str, list[int]] = {"dense": [], "masked": []}
+    for _ in range(repeats if device == "cpu" else 1):
+        for masked in (False, True):
+            if device == "cuda":
+                base, peak = peak_training_memory(name, batch, masked, device)
+            else:
+                code = (f"from prune_lab.bench.training import peak_training_memory as f; "
+                        f"print(*f({name!r}, {batch}, {masked}, 'cpu'))")
+                stdout = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                        cwd=root, env=env).stdout
+                base, peak = map(int, stdout.split()[-2:])
+            runs["masked" if masked else "dense"].append(peak - base)
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    return {"model": name, "batch": batch, "training_kb": runs, "dense_kb": med["dense"], "masked_kb": med["masked"],
+            "ratio": med["masked"] / med["dense"], "device": device}
 
 
 def stp_search_cost(evals: int, device: str, sync) -> dict:

@@ -87,10 +87,11 @@ class MaskSet(nn.Module):
     def _enforced(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Active parameters and their masks in the parameters' dtype, cached until a mask changes:
         the per-step multiply is then one fused multi-tensor kernel, no bool→float conversions."""
-        if self._cache is None or any(p.device != m.device for p, m in zip(*self._cache)):
+        if self._cache is None or any(p.device != m.device or p.stride() != m.stride() for p, m in zip(*self._cache)):
             names = sorted(self.active)
             params = [self._params[n] for n in names]
-            self._cache = (params, [self[n].to(device=p.device, dtype=p.dtype) for n, p in zip(names, params)])
+            # empty_like: the mask takes the parameter's dtype, device and memory layout (channels-last too)
+            self._cache = (params, [torch.empty_like(p).copy_(self[n]) for n, p in zip(names, params)])
         return self._cache
 
     @torch.no_grad()
