@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test test-slow quickstart summarize clean
+.PHONY: install test test-slow quickstart summarize bench clean
 
 install: $(BIN)/.installed
 
@@ -23,6 +23,11 @@ test-slow: install
 
 quickstart: install
 	$(BIN)/python train.py experiment=quickstart method=magnitude budget=0.9
+
+# Benchmarks (README "Performance"): make bench; make bench BENCH_ARGS="--device cuda --amp bf16"
+BENCH_ARGS ?= --quick
+bench: install
+	$(BIN)/python scripts/bench.py $(BENCH_ARGS) --out bench.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache

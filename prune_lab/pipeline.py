@@ -282,8 +282,8 @@ def run(cfg: DictConfig) -> dict:
                     tol, cfg.budget)
     lat_cfg = cfg.latency
     cl, fold = bool(lat_cfg.get("channels_last", False)), bool(lat_cfg.get("fold_bn", False))
-    lat, folded = latency_ms({"dense": dense_model, "pruned": final}, example.cpu(), lat_cfg.batch_size,
-                             lat_cfg.warmup, lat_cfg.repeats, cl, fold)
+    lat, applied = latency_ms({"dense": dense_model, "pruned": final}, example.cpu(), lat_cfg.batch_size,
+                              lat_cfg.warmup, lat_cfg.repeats, cl, fold, bool(lat_cfg.get("compile", False)))
     dense_ms, pruned_ms = lat["dense"], lat["pruned"]
     layers = report.layer_table(dense_model, final)
     results = {
@@ -294,7 +294,7 @@ def run(cfg: DictConfig) -> dict:
         "dense": {k: dense[k] for k in ("top1", "top5", "params", "flops")},
         "pruned": pruned,
         "budget_met": cfg.method.name == "dense" or abs(achieved - cfg.budget) <= tol,
-        "latency": {"device": "cpu", "batch_size": lat_cfg.batch_size, "channels_last": cl, "bn_folded": folded,
+        "latency": {"device": "cpu", "batch_size": lat_cfg.batch_size, "channels_last": cl, **applied,
                     "dense_ms": dense_ms, "pruned_ms": pruned_ms, "speedup": dense_ms / pruned_ms},
         "layers": layers,
         "train": {"epochs": int(trainer.current_epoch), "steps": int(trainer.global_step), "wall_s": wall,

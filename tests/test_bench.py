@@ -52,12 +52,17 @@ def test_step_driver_keeps_exact_sparsity_through_rigl_updates():
 def test_realized_speedup_compares_equal_flops_and_reports_consistent_ratios():
     torch.manual_seed(0)
     out = realized_speedup(0.85, batches=(2,), size=64, repeats=1, round_to=32, device="cpu")
-    assert {"nchw", "channels_last", "served", "frozen"} <= set(out)
-    for layout in ("nchw", "channels_last", "served", "frozen"):
+    assert {"nchw", "channels_last", "served", "frozen", "compiled"} <= set(out)
+    for layout in ("nchw", "channels_last", "served", "frozen", "compiled"):
         r = out[layout]["batch2"]
         for who in ("ours", "tp"):
             assert abs(r[who]["flops_reduction"] - 0.85) <= 0.02
             assert r[who]["fraction_of_ideal"] == pytest.approx(r[who]["measured_speedup"] / r[who]["ideal_speedup"])
+    # the per-layer profile sees every conv and linear layer: its MACs add up to the FLOPs ratio
+    layers = out["layers"]
+    macs = {k: sum(v["macs"] for v in layers[k].values()) for k in ("dense", "ours")}
+    assert macs["dense"] / macs["ours"] == pytest.approx(out["served"]["batch2"]["ours"]["ideal_speedup"], rel=1e-9)
+    assert layers["ours"]["maxpool"]["macs"] == 0 and layers["ours"]["conv1"]["gmacs_per_s"] > 0
 
 
 @pytest.mark.slow
@@ -70,7 +75,7 @@ def test_bench_quick_writes_the_contract_keys(tmp_path):
     for key in ("train_overhead_ratio", "update_cost_fraction", "speedup_fraction_of_ideal",
                 "torch_pruning_speedup_fraction_of_ideal", "peak_memory_ratio"):
         assert isinstance(res[key], float) and res[key] > 0, key
-    assert res["speedup_fraction_of_ideal"] == res["speedup"]["served"]["batch16"]["ours"]["fraction_of_ideal"]
+    assert res["speedup_fraction_of_ideal"] == res["speedup"]["compiled"]["batch16"]["ours"]["fraction_of_ideal"]
     assert res["update_cost_fraction"] == res["update_cost"][res["update_cost"]["worst"]]["fraction"]
     assert res["wall_s"] < 300
     assert "ResNet-50" in proc.stdout

@@ -17,7 +17,7 @@ from prune_lab.sparsity import (IMPORTANCES, Cubic, Importance, MaskSet, OneShot
 from prune_lab.sparsity.allocation import layer_sparsities
 from prune_lab.sparsity.importance import BNScale, Gradient, Magnitude, Random, Taylor
 from prune_lab.models import create_model
-from prune_lab.sparsity.measure import inference_copy, layer_macs
+from prune_lab.sparsity.measure import compile_for_inference, inference_copy, layer_macs
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -571,10 +571,10 @@ def test_latency_ms_measures_copies_and_leaves_models_untouched():
     model = small_cnn()
     model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    times, folded = latency_ms({"a": model, "b": small_cnn()}, torch.randn(1, 3, 16, 16), batch_size=4,
-                               warmup=1, repeats=3, channels_last=True, fold_bn=True)
+    times, applied = latency_ms({"a": model, "b": small_cnn()}, torch.randn(1, 3, 16, 16), batch_size=4,
+                                warmup=1, repeats=3, channels_last=True, fold_bn=True)
     assert set(times) == {"a", "b"} and all(t > 0 and math.isfinite(t) for t in times.values())
-    assert folded
+    assert applied == {"bn_folded": True, "compiled": False}
     assert model.training and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
 
@@ -598,6 +598,21 @@ def test_inference_copy_folds_bn_without_changing_outputs():
         out = served(x.contiguous(memory_format=torch.channels_last))
     assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4)
     assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # the original keeps its BN
+
+
+def test_compiled_deployment_computes_what_the_model_computes():
+    torch.manual_seed(0)
+    model = small_cnn().train()
+    model(torch.randn(8, 3, 16, 16))  # non-trivial BN statistics
+    model.eval()
+    x = torch.randn(4, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    torch._dynamo.reset()
+    served = compile_for_inference(inference_copy(model)[0], x)
+    with torch.no_grad():
+        torch.testing.assert_close(served(x), model(x), rtol=1e-4, atol=1e-4)
+    times, applied = latency_ms({"m": model}, x[:1], batch_size=4, warmup=1, repeats=2, channels_last=True,
+                                fold_bn=True, compile=True)
+    assert applied == {"bn_folded": True, "compiled": True} and times["m"] > 0
 
 
 def test_inference_copy_keeps_bn_when_fx_cannot_trace(caplog):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import statistics
+import time
 
 import torch
 import torch_pruning as tp
@@ -12,23 +13,13 @@ import torchvision
 from prune_lab.models import classifier_of
 from prune_lab.sparsity import ChannelGroups, FlopsModel, count_flops, shrink, solve_flops_target
 from prune_lab.sparsity.importance import Magnitude
-from prune_lab.sparsity.measure import inference_copy, interleaved_latency_ms
+from prune_lab.sparsity.measure import compile_for_inference, inference_copy, interleaved_latency_ms, layer_macs
 
 
 def frozen(model, x):
     """TorchScript-frozen and optimised for inference (BN folded, conv+ReLU fused by oneDNN)."""
     with torch.no_grad():
         return torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(model, x)))
-
-
-def compiled(model, x):
-    """torch.compile (Inductor) with weights frozen as constants: BN folded, convolutions with
-    fused epilogues (ReLU, residual add), prepacked weights. Compiled here, for `x`'s shape."""
-    torch._dynamo.reset()  # a fresh cache per deployment: no recompilation limits, no dynamic shapes
-    with torch.no_grad(), torch._inductor.config.patch(freezing=True):
-        c = torch.compile(model, dynamic=False)
-        c(x)
-    return c
 
 
 class Autocast(torch.nn.Module):
@@ -51,10 +42,40 @@ def deploy(model, device: str, channels_last: bool, fold_bn: bool, extra, x):
     if extra == "frozen":
         m = frozen(m, x)
     elif extra == "compiled":
-        m = compiled(m, x)
+        m = compile_for_inference(m, x)
     elif extra == "bf16":
         m = Autocast(m, device)
     return m
+
+
+def layer_profile(model, served, x, repeats: int = 3) -> dict[str, dict]:
+    """Where the served model's time goes: median wall time of each conv, linear and pooling layer
+    (forward hooks, synchronous CPU execution) and, for conv/linear, MACs per second. `model` is
+    the un-served original (its layer names and MACs), `served` its deployment copy."""
+    macs = layer_macs(model, x[:1])
+    times: dict[str, list[float]] = {}
+    starts: dict[str, float] = {}
+    hooks = []
+    kinds = (torch.nn.Conv2d, torch.nn.Linear, torch.nn.MaxPool2d, torch.nn.AdaptiveAvgPool2d)
+    for name, mod in served.named_modules():
+        if isinstance(mod, kinds):
+            hooks.append(mod.register_forward_pre_hook(
+                lambda m, i, n=name: starts.__setitem__(n, time.perf_counter())))
+            hooks.append(mod.register_forward_hook(
+                lambda m, i, o, n=name: times.setdefault(n, []).append(time.perf_counter() - starts[n])))
+    with torch.no_grad():
+        served(x)
+        times.clear()
+        for _ in range(repeats):
+            served(x)
+    for h in hooks:
+        h.remove()
+    out = {}
+    for name, ts in times.items():
+        t = statistics.median(ts)
+        out[name] = {"ms": 1e3 * t, "macs": macs.get(name, 0) * len(x),
+                     "gmacs_per_s": macs.get(name, 0) * len(x) / t / 1e9 if name in macs else None}
+    return out
 
 
 def torch_pruning_uniform(model, x, target: float):
@@ -99,6 +120,8 @@ def realized_speedup(target: float, batches: tuple, size: int, repeats: int, rou
             xb = torch.randn(batch, 3, size, size, device=dev)
             if cl:
                 xb = xb.contiguous(memory_format=torch.channels_last)
+            if extra == "compiled":  # fresh caches: no recompilation limit, no shapes marked dynamic
+                torch._dynamo.reset()
             models = {k: deploy(m, dev, cl, fold, extra, xb) for k, m in (("dense", model), ("ours", ours), ("tp", tpm))}
             n = repeats if batch > 1 else 3 * repeats  # batch-1 forwards are short and noisier
             times = interleaved_latency_ms(models, xb, warmup=1, repeats=n)
@@ -108,4 +131,6 @@ def realized_speedup(target: float, batches: tuple, size: int, repeats: int, rou
                 res[k] = {"flops_reduction": 1 - 1 / ideal[k], "ideal_speedup": ideal[k], "measured_speedup": measured,
                           "fraction_of_ideal": measured / ideal[k], "latency_ms": statistics.median(times[k])}
             out[key][f"batch{batch}"] = res
+            if dev == "cpu" and layout == "served" and batch == max(batches):
+                out["layers"] = {k: layer_profile(m, models[k], xb) for k, m in (("dense", model), ("ours", ours))}
     return out

@@ -60,9 +60,10 @@ def sgd_step(model, x, y, amp=None, masks: MaskSet | None = None, compile_: bool
     return step
 
 
-def interleaved_steps(steps_by_name: dict, steps: int, rounds: int, sync, warmup: int = 1) -> dict[str, float]:
-    """Median seconds per step of each closure, timed in rounds of `steps` steps that take turns
-    (alternating which goes first, so none inherits another's cache state or the machine's drift)."""
+def interleaved_steps(steps_by_name: dict, steps: int, rounds: int, sync, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds per step of each closure in each round of `steps` steps; within a round the
+    closures take turns (alternating which goes first, so none inherits another's cache state),
+    so a ratio of two closures' times in the same round cancels the machine's drift."""
     for _ in range(warmup):
         for fn in steps_by_name.values():
             fn()
@@ -71,7 +72,12 @@ def interleaved_steps(steps_by_name: dict, steps: int, rounds: int, sync, warmup
     for r in range(rounds):
         for k in (names if r % 2 == 0 else names[::-1]):
             times[k].append(timed(lambda: [steps_by_name[k]() for _ in range(steps)], sync) / steps)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def paired_ratio(a: list[float], b: list[float]) -> float:
+    """Median over rounds of a/b: each round's two timings were taken back to back."""
+    return statistics.median(x / y for x, y in zip(a, b))
 
 
 def train_overhead(name: str, model, x, y, steps: int, rounds: int, sync, amp=None, compile_=False) -> dict:
@@ -81,11 +87,12 @@ def train_overhead(name: str, model, x, y, steps: int, rounds: int, sync, amp=No
     t = interleaved_steps({"dense": sgd_step(dense, x, y, amp, None, compile_),
                            "masked": sgd_step(masked, x, y, amp, masks, compile_)},
                           steps, rounds, sync, warmup=3 if compile_ else 1)  # compilation in the warm-up
-    d, m = t["dense"], t["masked"]
+    d, m = statistics.median(t["dense"]), statistics.median(t["masked"])
     # the enforcement alone, timed directly: end-to-end step ratios carry a few % of noise on CPU
     ops = statistics.median(timed(lambda: (masks.mask_grads(), masks.apply()), sync) for _ in range(50))
     return {"model": name, "batch": len(x), "amp": amp, "compile": compile_, "dense_step_ms": 1e3 * d,
-            "masked_step_ms": 1e3 * m, "ratio": m / d, "mask_ops_ms": 1e3 * ops, "mask_ops_fraction_of_step": ops / d}
+            "masked_step_ms": 1e3 * m, "ratio": paired_ratio(t["masked"], t["dense"]), "mask_ops_ms": 1e3 * ops,
+            "mask_ops_fraction_of_step": ops / d}
 
 
 def channels_last_gain(name: str, model, x, y, steps: int, rounds: int, sync, amp=None) -> dict:
@@ -96,8 +103,9 @@ def channels_last_gain(name: str, model, x, y, steps: int, rounds: int, sync, am
     t = interleaved_steps({"nchw": sgd_step(nchw, x, y, amp, sparse_masks(nchw, 0.9)),
                            "channels_last": sgd_step(nhwc, x.contiguous(memory_format=torch.channels_last), y, amp,
                                                      sparse_masks(nhwc, 0.9))}, steps, rounds, sync)
-    return {"model": name, "batch": len(x), "amp": amp, "nchw_step_ms": 1e3 * t["nchw"],
-            "channels_last_step_ms": 1e3 * t["channels_last"], "speedup": t["nchw"] / t["channels_last"]}
+    return {"model": name, "batch": len(x), "amp": amp, "nchw_step_ms": 1e3 * statistics.median(t["nchw"]),
+            "channels_last_step_ms": 1e3 * statistics.median(t["channels_last"]),
+            "speedup": paired_ratio(t["nchw"], t["channels_last"])}
 
 
 class StepDriver:

@@ -112,18 +112,41 @@ def interleaved_latency_ms(models: dict[str, nn.Module], x: torch.Tensor, warmup
     return times
 
 
+def compile_for_inference(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """`torch.compile` (Inductor) with the weights frozen as constants, compiled now for `x`'s
+    shape: BN folded, convolutions with fused epilogues (ReLU, residual add), prepacked weights.
+    Deploying several models for one comparison: reset dynamo's cache (`torch._dynamo.reset()`)
+    before the group, not between its members, or the earlier ones recompile unfrozen when run."""
+    with torch.no_grad(), torch._inductor.config.patch(freezing=True):
+        compiled = torch.compile(model, dynamic=False)
+        compiled(x)
+    return compiled
+
+
 def latency_ms(models: dict[str, nn.Module], example_input: torch.Tensor, batch_size: int = 16,
-               warmup: int = 3, repeats: int = 10, channels_last: bool = False,
-               fold_bn: bool = False) -> tuple[dict[str, float], bool]:
+               warmup: int = 3, repeats: int = 10, channels_last: bool = False, fold_bn: bool = False,
+               compile: bool = False) -> tuple[dict[str, float], dict[str, bool]]:
     """Median wall time (ms) of one eval forward at `batch_size` of each model, measured
-    interleaved on copies prepared by `inference_copy` (the models themselves are not touched),
-    and whether BN was folded in every one of them."""
+    interleaved on copies prepared by `inference_copy` (and `compile_for_inference` with
+    `compile`); the models themselves are not touched. Also returns what was applied to every
+    model: {"bn_folded": .., "compiled": ..} (compilation falls back to eager with a warning)."""
     x = example_input[:1].expand(batch_size, *example_input.shape[1:]).contiguous()
+    image = x.dim() == 4
+    if channels_last and image:
+        x = x.contiguous(memory_format=torch.channels_last)
     prepared, folded = {}, []
     for k, m in models.items():
-        prepared[k], f = inference_copy(m, channels_last and x.dim() == 4, fold_bn)
+        prepared[k], f = inference_copy(m, channels_last and image, fold_bn)
         folded.append(f)
-    if channels_last and x.dim() == 4:
-        x = x.contiguous(memory_format=torch.channels_last)
+    compiled = False
+    if compile:
+        torch._dynamo.reset()
+        try:
+            prepared = {k: compile_for_inference(m, x) for k, m in prepared.items()}
+            compiled = True
+        except Exception as e:  # noqa: BLE001 - e.g. no C++ compiler for Inductor's CPU kernels
+            log.warning("latency measured eager: torch.compile failed (%s)", str(e).splitlines()[0][:160])
+            prepared = {k: inference_copy(m, channels_last and image, fold_bn)[0] for k, m in models.items()}
     times = interleaved_latency_ms(prepared, x, warmup, repeats)
-    return {k: statistics.median(v) for k, v in times.items()}, fold_bn and all(folded)
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    return medians, {"bn_folded": fold_bn and all(folded), "compiled": compiled}
