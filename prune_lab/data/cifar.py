@@ -80,7 +80,7 @@ class _CIFARDataModule(ClassificationDataModule):
 
     def __init__(
         self,
-        root: str,
+        root: str | None = None,
         download: bool = True,
         val_size: int = 5000,
         split_seed: int = 0,
@@ -90,7 +90,7 @@ class _CIFARDataModule(ClassificationDataModule):
         super().__init__(**base)
         if int(val_size) < 0:
             raise PruneLabError(f"data.val_size={val_size} must be >= 0 (0 validates on the test set)")
-        self.root = os.path.abspath(os.path.expanduser(str(root)))
+        self.root = os.path.abspath(os.path.expanduser(str(root or f"data/{self.name}")))
         self.download = bool(download)
         self.val_size = int(val_size)
         self.split_seed = int(split_seed)
@@ -209,22 +209,9 @@ class CIFAR10DataModule(_CIFARDataModule):
     """
 
     dataset_cls = datasets.CIFAR10
-    label = "CIFAR-10"
+    name, num_classes, label = "cifar10", 10, "CIFAR-10"
     mean = (0.4914, 0.4822, 0.4465)
     std = (0.2470, 0.2435, 0.2616)
-
-    def __init__(
-        self,
-        root: str = "data/cifar10",
-        download: bool = True,
-        val_size: int = 5000,
-        split_seed: int = 0,
-        augment: bool = True,
-        **base,
-    ) -> None:
-        super().__init__(root, download=download, val_size=val_size, split_seed=split_seed, augment=augment, **base)
-        self.name = "cifar10"
-        self.num_classes = 10
 
 
 class CIFAR100DataModule(_CIFARDataModule):
@@ -235,19 +222,6 @@ class CIFAR100DataModule(_CIFARDataModule):
     """
 
     dataset_cls = datasets.CIFAR100
-    label = "CIFAR-100"
+    name, num_classes, label = "cifar100", 100, "CIFAR-100"
     mean = (0.5071, 0.4865, 0.4409)
     std = (0.2673, 0.2564, 0.2762)
-
-    def __init__(
-        self,
-        root: str = "data/cifar100",
-        download: bool = True,
-        val_size: int = 5000,
-        split_seed: int = 0,
-        augment: bool = True,
-        **base,
-    ) -> None:
-        super().__init__(root, download=download, val_size=val_size, split_seed=split_seed, augment=augment, **base)
-        self.name = "cifar100"
-        self.num_classes = 100

@@ -31,6 +31,11 @@ class Importance:
     def channel_scorer(self) -> tp.importance.Importance:
         raise PruneLabError(f"importance '{self.name}' scores weights only; use it with an unstructured method")
 
+    def grad_of(self, p: nn.Parameter) -> torch.Tensor:
+        if p.grad is None:
+            raise RuntimeError(f"{self.name} importance needs gradients; run a backward pass first")
+        return p.grad
+
 
 class Magnitude(Importance):
     """|w| for weights; the Lp norm of each channel's filter for channels.
@@ -58,9 +63,7 @@ class Taylor(Importance):
     needs_grad = True
 
     def score(self, p):
-        if p.grad is None:
-            raise RuntimeError("taylor importance needs gradients; run a backward pass first")
-        return (p.detach() * p.grad).abs()
+        return (p.detach() * self.grad_of(p)).abs()
 
     def channel_scorer(self):
         return tp.importance.GroupTaylorImportance(group_reduction="mean", normalizer=None)
@@ -73,9 +76,7 @@ class Gradient(Importance):
     needs_grad = True
 
     def score(self, p):
-        if p.grad is None:
-            raise RuntimeError("gradient importance needs gradients; run a backward pass first")
-        return p.grad.detach().abs()
+        return self.grad_of(p).detach().abs()
 
 
 class TaylorBN(Importance):

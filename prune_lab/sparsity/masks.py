@@ -86,8 +86,9 @@ class MaskSet(nn.Module):
     # -- enforcement --------------------------------------------------------------------
     def _enforced(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Active parameters and their masks in the parameters' dtype, cached until a mask changes:
-        the per-step multiply is then one fused multi-tensor kernel, no bool→float conversions."""
-        if self._cache is None or any(p.device != m.device or p.stride() != m.stride() for p, m in zip(*self._cache)):
+        the per-step multiply is then one fused multi-tensor kernel, no bool→float conversions.
+        `bind` drops the cache (after a device or memory-layout change of the model)."""
+        if self._cache is None or any(p.device != m.device for p, m in zip(*self._cache)):
             names = sorted(self.active)
             params = [self._params[n] for n in names]
             # empty_like: the mask takes the parameter's dtype, device and memory layout (channels-last too)

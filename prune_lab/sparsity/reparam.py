@@ -48,15 +48,19 @@ def _compose(a: torch.Tensor, k: torch.Tensor, b: torch.Tensor, groups: int = 1)
     return torch.cat([torch.einsum("op,pq...,qi->oi...", bb, kk, aa) for aa, kk, bb in parts])
 
 
+def _check_compute(compute: str) -> str:
+    if compute not in ("collapsed", "chain"):
+        raise ValueError(f"compute must be 'collapsed' or 'chain', got {compute!r}")
+    return compute
+
+
 class ExpandedConv2d(nn.Module):
     """1×1 → k×k → 1×1 chain equivalent to one Conv2d; `merge()` returns that Conv2d."""
 
     def __init__(self, conv: nn.Conv2d, ratio: int = 4, generator: torch.Generator | None = None,
                  compute: str = "collapsed"):
         super().__init__()
-        if compute not in ("collapsed", "chain"):
-            raise ValueError(f"compute must be 'collapsed' or 'chain', got {compute!r}")
-        self.compute = compute
+        self.compute = _check_compute(compute)
         g, (c_out, c_in) = conv.groups, (conv.out_channels, conv.in_channels)
         kw = dict(device=conv.weight.device, dtype=conv.weight.dtype)
         self.a = nn.Conv2d(c_in, ratio * c_in, 1, groups=g, bias=False, **kw)
@@ -100,9 +104,7 @@ class ExpandedLinear(nn.Module):
     def __init__(self, linear: nn.Linear, ratio: int = 4, generator: torch.Generator | None = None,
                  compute: str = "collapsed"):
         super().__init__()
-        if compute not in ("collapsed", "chain"):
-            raise ValueError(f"compute must be 'collapsed' or 'chain', got {compute!r}")
-        self.compute = compute
+        self.compute = _check_compute(compute)
         n_in, n_out = linear.in_features, linear.out_features
         kw = dict(device=linear.weight.device, dtype=linear.weight.dtype)
         self.a = nn.Linear(n_in, ratio * n_in, bias=False, **kw)
