@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test test-slow quickstart summarize bench clean
+.PHONY: install data test test-slow quickstart summarize bench clean
 
 install: $(BIN)/.installed
 
@@ -13,12 +13,21 @@ $(BIN)/.installed: constraints.txt pyproject.toml
 	$(BIN)/pip install -q -c constraints.txt -e ".[hub,sweep,dev]"
 	touch $@
 
+# Fashion-MNIST, the evidence benchmark's data, from Debian's package (needs root or sudo; the
+# files can also be placed in data/fashion_mnist/ by hand, see README "Evidence benchmark").
+FMNIST := /usr/share/datasets/fashion-mnist
+data:
+	@test -d $(FMNIST) || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist >/dev/null; } \
+	  || echo "warning: could not install dataset-fashion-mnist; the tests on the real files will be skipped" >&2
+
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
 # Default suite (fast) plus a representative few slow end-to-end tests.
-test: install
+test: install data
 	$(BIN)/python -m pytest -q -x tests
 	$(BIN)/python -m pytest -q -m "slow and ci" tests
 
-test-slow: install
+test-slow: install data
 	$(BIN)/python -m pytest -q -m slow tests
 
 quickstart: install

@@ -114,8 +114,10 @@ def dense_reference(cfg: DictConfig, dm, model: torch.nn.Module, example: torch.
     """
     weights = cfg.model.get("weights")
     if weights not in (None, "auto"):
-        metrics = _evaluate(cfg, dm, model, example)
-        return {"state_dict": copy.deepcopy(model.state_dict()), "source": str(weights), **metrics}
+        # its test accuracy is measured after the method's final test (run()), so nothing the method
+        # does (search, calibration, training) can happen after a test image has been read
+        return {"state_dict": copy.deepcopy(model.state_dict()), "source": str(weights),
+                **report.model_costs(copy.deepcopy(model).cpu(), example.cpu())}
     cache = Path(cfg.paths.dense_dir) / f"{cfg.model.name}_{dm.name}_{dense_key(cfg)}"
     if (cache / "dense.json").is_file():
         log.info("dense reference: cached %s", cache)
@@ -172,10 +174,11 @@ def _test(trainer, module, dm) -> dict:
 
 
 def _evaluate(cfg, dm, model, example) -> dict:
+    """Test accuracy of a model that is not trained here (a dense reference given by file)."""
     module = PruneLabModule(model, dm.num_classes, example, build(cfg.module.optimizer))
     trainer = build(cfg.trainer, logger=False, enable_checkpointing=False, callbacks=[],
                     enable_progress_bar=False)
-    return {**_test(trainer, module, dm), **report.model_costs(copy.deepcopy(model).cpu(), example.cpu())}
+    return _test(trainer, module, dm)
 
 
 # -- the run ----------------------------------------------------------------------------
@@ -259,6 +262,8 @@ def run(cfg: DictConfig) -> dict:
         trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path, weights_only=True)
     wall = time.time() - t_fit
     pruned_metrics = _test(trainer, module, dm)
+    if "top1" not in dense:  # a dense model given by file: tested now, after everything the method chose
+        dense.update(_evaluate(cfg, dm, copy.deepcopy(dense_model), example))
     if not cfg.method.get("train", True):
         trainer.save_checkpoint(out_dir / "checkpoints" / "last.ckpt", weights_only=False)
     digests = mask_digests(module.masks)

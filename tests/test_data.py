@@ -38,7 +38,7 @@ def _assert_one_line(err: pytest.ExceptionInfo) -> str:
 
 
 def test_registry_names_and_classes():
-    assert set(DATASETS) == {"digits", "cifar10", "cifar100", "imagenet", "synthetic"}
+    assert set(DATASETS) == {"digits", "fashion_mnist", "cifar10", "cifar100", "imagenet", "synthetic"}
     for name, cls in DATASETS.items():
         assert issubclass(cls, ClassificationDataModule)
     assert DigitsDataModule().name == "digits"
@@ -161,15 +161,17 @@ def test_cifar10_real_format(tmp_path, fake_md5):
     assert x.shape == (4, 3, 32, 32) and y.shape == (4,)
 
 
-def test_cifar_augment_and_val_size_zero(tmp_path, fake_md5):
+def test_cifar_augment_and_val_size_zero_refused(tmp_path, fake_md5):
     write_cifar10(tmp_path)
-    dm = CIFAR10DataModule(root=str(tmp_path), download=False, val_size=0, augment=True)
+    dm = CIFAR10DataModule(root=str(tmp_path), download=False, val_size=5, augment=True)
     dm.setup()
-    assert dm.val_set is dm.test_set and len(dm.train_set) == 30
+    assert dm.val_set is not dm.test_set and len(dm.train_set) == 25
     image, label = dm.train_set[3]
     assert image.shape == (3, 32, 32) and 0 <= label < 10
     # Validation images are never augmented.
     _check_items(dm.val_set, dm.mean, dm.std)
+    with pytest.raises(PruneLabError, match="val_size=0 must be >= 1: validation is carved from the training"):
+        CIFAR10DataModule(root=str(tmp_path), val_size=0)
     with pytest.raises(PruneLabError):
         CIFAR10DataModule(root=str(tmp_path), val_size=30).setup()
 
@@ -277,25 +279,27 @@ def write_imagefolder(root, val_classes=tuple(COLOURS)) -> None:
 
 def test_imagenet_imagefolder(tmp_path):
     write_imagefolder(tmp_path)
-    dm = ImageNetDataModule(root=str(tmp_path), image_size=32, batch_size=4)
+    dm = ImageNetDataModule(root=str(tmp_path), image_size=32, batch_size=4, val_size=3)
     assert dm.num_classes == 3  # inferred from train/ before setup
     dm.check()
     dm.setup()
-    assert dm.val_set is dm.test_set and len(dm.train_set) == 9 and len(dm.val_set) == 6
-    for dataset in (dm.train_set, dm.val_set):
+    # val/ is the test split; validation is carved from train/, one image per class (stratified)
+    assert len(dm.train_set) == 6 and len(dm.val_set) == 3 and len(dm.test_set) == 6
+    assert sorted(dm.val_set[i][1] for i in range(3)) == [0, 1, 2]
+    for dataset in (dm.train_set, dm.val_set, dm.test_set):
         for i in range(len(dataset)):
             image, label = dataset[i]
             assert image.shape == (3, 32, 32) and image.dtype == torch.float32
             assert int(image.mean(dim=(1, 2)).argmax()) == label  # colour channel == class index
-    x, y = next(iter(dm.val_dataloader()))
+    x, y = next(iter(dm.test_dataloader()))
     assert x.shape == (4, 3, 32, 32) and y.tolist() == [0, 0, 1, 1]
 
 
 def test_imagenet_val_with_missing_class_keeps_train_labels(tmp_path):
     write_imagefolder(tmp_path, val_classes=("ant", "cat"))
-    dm = ImageNetDataModule(root=str(tmp_path), image_size=32)
+    dm = ImageNetDataModule(root=str(tmp_path), image_size=32, val_size=3)
     dm.setup()
-    assert sorted({label for _, label in dm.val_set.samples}) == [0, 2]
+    assert sorted({label for _, label in dm.test_set.samples}) == [0, 2]
 
 
 def test_imagenet_errors(tmp_path):

@@ -65,6 +65,25 @@ def calibration_subset(dataset: Dataset, size: int, seed: int) -> Dataset:
     return Subset(dataset, torch.randint(len(dataset), (size,), generator=generator).tolist())
 
 
+def stratified_split(labels, holdout: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rest, held-out) index tensors: `holdout` indices drawn stratified by class, fixed by `seed`.
+
+    Validation and search slices are carved this way so every class is represented in
+    proportion; when stratification is impossible (a class with one image, or fewer held-out
+    images than classes, as in tiny test trees) the draw is a plain seeded permutation.
+    """
+    from sklearn.model_selection import train_test_split
+
+    labels = torch.as_tensor(labels).cpu().numpy()
+    index = list(range(len(labels)))
+    try:
+        rest, held = train_test_split(index, test_size=int(holdout), stratify=labels, random_state=int(seed))
+    except ValueError:
+        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(int(seed))).tolist()
+        held, rest = order[: int(holdout)], order[int(holdout):]
+    return torch.as_tensor(sorted(rest), dtype=torch.long), torch.as_tensor(sorted(held), dtype=torch.long)
+
+
 class ClassificationDataModule(L.LightningDataModule):
     """Train/val/test image classification data for one dataset.
 

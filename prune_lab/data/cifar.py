@@ -15,7 +15,7 @@ from torchvision import datasets
 from torchvision import transforms as T
 from torchvision.datasets import utils as tv_utils
 
-from prune_lab.data.base import ClassificationDataModule, TransformSubset
+from prune_lab.data.base import ClassificationDataModule, TransformSubset, stratified_split
 from prune_lab.errors import PruneLabError
 
 # Seconds allowed for the reachability probe and for each socket operation of
@@ -88,8 +88,9 @@ class _CIFARDataModule(ClassificationDataModule):
         **base,
     ) -> None:
         super().__init__(**base)
-        if int(val_size) < 0:
-            raise PruneLabError(f"data.val_size={val_size} must be >= 0 (0 validates on the test set)")
+        if int(val_size) < 1:
+            raise PruneLabError(f"data.val_size={val_size} must be >= 1: validation is carved from the training "
+                                "images (the test set is only for the final number)")
         self.root = os.path.abspath(os.path.expanduser(str(root or f"data/{self.name}")))
         self.download = bool(download)
         self.val_size = int(val_size)
@@ -166,12 +167,12 @@ class _CIFARDataModule(ClassificationDataModule):
             return T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), normalize])
         return T.Compose([T.ToTensor(), normalize])
 
-    def split_indices(self, n_train: int) -> tuple[list[int], list[int]]:
-        """Deterministic (train, val) indices into the official training set."""
-        if self.val_size >= n_train:
-            raise PruneLabError(f"data.val_size={self.val_size} must be below the {n_train} training images")
-        order = torch.randperm(n_train, generator=torch.Generator().manual_seed(self.split_seed)).tolist()
-        return sorted(order[self.val_size :]), sorted(order[: self.val_size])
+    def split_indices(self, labels) -> tuple[list[int], list[int]]:
+        """Deterministic (train, val) indices into the official training set, stratified by class."""
+        if self.val_size >= len(labels):
+            raise PruneLabError(f"data.val_size={self.val_size} must be below the {len(labels)} training images")
+        train, val = stratified_split(labels, self.val_size, self.split_seed)
+        return train.tolist(), val.tolist()
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.train_set is not None:
@@ -190,21 +191,17 @@ class _CIFARDataModule(ClassificationDataModule):
             ) from None
         eval_tf = self.make_transform(train=False)
         self.test_set = TransformSubset(test, range(len(test)), eval_tf)
-        if self.val_size == 0:
-            self.train_set = TransformSubset(full_train, range(len(full_train)), self.make_transform(train=True))
-            self.val_set = self.test_set
-        else:
-            train_idx, val_idx = self.split_indices(len(full_train))
-            self.train_set = TransformSubset(full_train, train_idx, self.make_transform(train=True))
-            self.val_set = TransformSubset(full_train, val_idx, eval_tf)
+        train_idx, val_idx = self.split_indices(full_train.targets)
+        self.train_set = TransformSubset(full_train, train_idx, self.make_transform(train=True))
+        self.val_set = TransformSubset(full_train, val_idx, eval_tf)
 
 
 class CIFAR10DataModule(_CIFARDataModule):
     """CIFAR-10 (50k train / 10k test, 32x32 RGB, 10 classes) via ``torchvision.datasets.CIFAR10``.
 
-    Validation is a fixed ``val_size`` subset of the official training set
-    chosen by ``split_seed`` (independent of the run seed) and never augmented;
-    ``val_size=0`` validates on the test set instead. ``root`` is the folder
+    Validation is a fixed ``val_size`` subset of the official training set,
+    stratified by class and chosen by ``split_seed`` (independent of the run
+    seed), never augmented; the test set is only read for the final number. ``root`` is the folder
     that holds (or will hold) ``cifar-10-batches-py``.
     """
 

@@ -8,7 +8,7 @@ from typing import Optional
 from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
 
-from prune_lab.data.base import ClassificationDataModule
+from prune_lab.data.base import ClassificationDataModule, TransformSubset, stratified_split
 from prune_lab.errors import PruneLabError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -39,8 +39,10 @@ class _FixedClassFolder(ImageFolder):
 class ImageNetDataModule(ClassificationDataModule):
     """ImageNet-style data: ``<root>/train/<class>/*.JPEG`` and ``<root>/val/<class>/*.JPEG``.
 
-    ``val/`` serves as both the validation and the test set (the official
-    ImageNet test labels are not public), so "test" numbers are val numbers.
+    ``val/`` is the test split (the official ImageNet test labels are not
+    public), read only for the final number; validation is ``val_size`` images
+    carved from ``train/`` (stratified by class, fixed by ``split_seed``, eval
+    transforms), so every choice a run makes reads training images only.
     Labels are the sorted train class-folder names; val is indexed with the
     same map. ``num_classes=None`` takes the count from ``train/`` (1000 if it
     is absent); an explicit value that disagrees with ``train/`` is an error.
@@ -53,9 +55,16 @@ class ImageNetDataModule(ClassificationDataModule):
         root: str = "data/imagenet",
         image_size: int = 224,
         num_classes: Optional[int] = None,
+        val_size: int = 10000,
+        split_seed: int = 0,
         **base,
     ) -> None:
         super().__init__(**base)
+        if int(val_size) < 1:
+            raise PruneLabError(f"data.val_size={val_size} must be >= 1: validation is carved from train/ "
+                                "(val/ is the test split, only for the final number)")
+        self.val_size = int(val_size)
+        self.split_seed = int(split_seed)
         if int(image_size) < 8:
             raise PruneLabError(f"data.image_size={image_size} must be >= 8")
         self.name = "imagenet"
@@ -107,8 +116,9 @@ class ImageNetDataModule(ClassificationDataModule):
             return  # scanning a million files once is enough
         self.check()
         try:
-            train = ImageFolder(self.train_dir, transform=self.make_transform(train=True))
-            val = _FixedClassFolder(self.val_dir, train.class_to_idx, transform=self.make_transform(train=False))
+            # images stay PIL here; the train and validation subsets apply their own transforms
+            train = ImageFolder(self.train_dir)
+            test = _FixedClassFolder(self.val_dir, train.class_to_idx, transform=self.make_transform(train=False))
         except (FileNotFoundError, OSError) as err:
             raise self._layout_error(" ".join(str(err).split())) from None
         if len(train.classes) != self.num_classes:
@@ -116,6 +126,11 @@ class ImageNetDataModule(ClassificationDataModule):
                 f"{self.train_dir} now has {len(train.classes)} classes but the model was sized for "
                 f"{self.num_classes}; rebuild the data module"
             )
-        if len(val) == 0:
+        if len(test) == 0:
             raise self._layout_error(f"val folder {self.val_dir} has no images")
-        self.train_set, self.val_set, self.test_set = train, val, val
+        if self.val_size >= len(train):
+            raise PruneLabError(f"data.val_size={self.val_size} must be below the {len(train)} images in {self.train_dir}")
+        train_idx, val_idx = stratified_split(train.targets, self.val_size, self.split_seed)
+        self.train_set = TransformSubset(train, train_idx, self.make_transform(train=True))
+        self.val_set = TransformSubset(train, val_idx, self.make_transform(train=False))
+        self.test_set = test

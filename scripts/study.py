@@ -1,0 +1,82 @@
+"""Run a study (conf/study/<name>.yaml) and judge its claims.
+
+    python scripts/study.py dst                          # every job, 2 one-thread jobs at a time
+    python scripts/study.py dst --report docs/studies/dst   # also write the table where the README reads it
+    python scripts/study.py dst --seeds 3 4 5             # re-check the claims on other seeds
+    python scripts/study.py dst --dry-run                 # list the jobs and what is finished
+    python scripts/study.py dst --report-only             # tables from the finished jobs, run nothing
+
+Jobs are ordinary train.py runs in outputs/studies/<name>/jobs/<variant>-<hash>/b<budget>_s<seed>/;
+a job with a results.json is skipped, one with a checkpoint resumes, so an interrupted study is
+continued by running the same command. Writes table.md, table.csv (one row per job),
+verdicts.json and plot.png to the report folder (default outputs/studies/<name>/).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from prune_lab.errors import PruneLabError  # noqa: E402
+from prune_lab.study import check_overrides, collect, load_study, run_jobs, write_report  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("study", help="a name in conf/study/ or a path to a study yaml")
+    ap.add_argument("--jobs", type=int, default=2, help="jobs run at a time (default 2)")
+    ap.add_argument("--threads", type=int, default=1, help="threads per job (OMP_NUM_THREADS, default 1)")
+    ap.add_argument("--seeds", type=int, nargs="+", help="replace the study's seeds (re-checks)")
+    ap.add_argument("--budgets", type=float, nargs="+", help="replace the study's budgets")
+    ap.add_argument("--set", dest="extra", nargs="+", default=[], metavar="OVERRIDE",
+                    help="overrides added to every job (a separate output folder)")
+    ap.add_argument("--out", type=Path, help="job folder root (default outputs/studies/<name>[-<hash of --set>])")
+    ap.add_argument("--report", type=Path, help="where tables and plot go (default: the job folder root)")
+    ap.add_argument("--dry-run", action="store_true", help="list the jobs; run nothing")
+    ap.add_argument("--report-only", action="store_true", help="write the report from finished jobs; run nothing")
+    args = ap.parse_args(argv)
+    try:
+        study = load_study(args.study, seeds=args.seeds, budgets=args.budgets, extra=args.extra)
+        if not args.report_only:
+            check_overrides(study)
+    except PruneLabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    suffix = "-" + hashlib.sha1(" ".join(args.extra).encode()).hexdigest()[:6] if args.extra else ""
+    out = args.out or ROOT / "outputs" / "studies" / f"{study.name}{suffix}"
+    report = args.report or out
+    jobs = study.jobs(out)
+    finished = sum(j.done for j in jobs)
+    print(f"study {study.name}: {len(jobs)} jobs ({len(study.variants)} variants × {len(study.budgets)} budgets × "
+          f"{len(study.seeds)} seeds), {finished} finished; jobs in {out}")
+    if args.dry_run:
+        for j in jobs:
+            print(f"  {'done' if j.done else 'todo'}  {j.directory.relative_to(out)}  {' '.join(j.overrides)}")
+        return 0
+    failed = []
+    if not args.report_only and finished < len(jobs):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), TextColumn("{task.fields[last]}")) as bar:
+            task = bar.add_task(f"study {study.name}", total=len(jobs), completed=finished, last="")
+            failed = run_jobs(jobs, args.jobs, args.threads, sys.executable,
+                              progress=lambda j: bar.update(task, advance=1, last=f"{j.variant} b={j.budget:g} s={j.seed}"))
+    rows = collect(study, out)
+    judged = write_report(study, rows, report)
+    print((report / "table.md").read_text())
+    for job, rc in failed:
+        print(f"failed (exit {rc}): {job.directory} — see its run.log", file=sys.stderr)
+    missing = len(jobs) - len(rows)
+    if missing:
+        print(f"{missing} of {len(jobs)} jobs have no results yet; run the same command to continue", file=sys.stderr)
+    print(f"report: {report}/table.md, table.csv, verdicts.json, plot.png ({len(judged)} verdicts)")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""Studies: config checks, seed-paired verdicts (against an independent computation), and the
+runner end to end (resumable: a second run starts no job)."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from prune_lab.errors import PruneLabError
+from prune_lab.study import STUDY_DIR, Claim, Study, load_study, paired_verdict, verdicts, write_report
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write_yaml(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_every_shipped_study_loads_and_composes():
+    from prune_lab.study import check_overrides
+
+    names = sorted(p.stem for p in STUDY_DIR.glob("*.yaml"))
+    assert "quickstart" in names
+    for name in names:
+        study = load_study(name)
+        assert study.claims or name == "quickstart", name
+        check_overrides(study)  # every variant composes with the real config
+
+
+@pytest.mark.parametrize("body, expected", [
+    ("variants: {A: [method=magnitude]}\nbudgets: [1.5]", "budgets=[1.5]"),
+    ("variants: {A: [method=magnitude]}\nbudgets: [0.5]\nclaims: [{a: A, b: B}]", "claim names variant 'B'"),
+    ("variants: {A: [method=magnitude]}\nbudgets: [0.5]\nclaims: [{a: A, b: A, op: '<'}]", "claim op '<'"),
+    ("variants: {A: [method=magnitude]}\nbudgets: [0.5]\nseeds: [0, 0]", "seeds=[0, 0]"),
+    ("variants: {A: [method=magnitude]}\nbudget: [0.5]", "unknown keys ['budget']"),
+])
+def test_bad_study_configs_are_one_line(tmp_path, body, expected):
+    with pytest.raises(PruneLabError, match=None) as err:
+        load_study(str(write_yaml(tmp_path / "bad.yaml", body)))
+    assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+def test_unknown_study_lists_the_known_ones():
+    with pytest.raises(PruneLabError, match="unknown study 'nope'; choose one of: .*quickstart"):
+        load_study("nope")
+
+
+def test_a_typo_in_a_variant_stops_before_any_job(tmp_path):
+    path = write_yaml(tmp_path / "typo.yaml", "variants: {A: [method=magnitdue]}\nbudgets: [0.5]\n")
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "study.py"), str(path), "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: study typo: variant 'A': unknown method 'magnitdue'; choose one of: " + ", ".join(
+            sorted(p.stem for p in (ROOT / "conf" / "method").glob("*.yaml")))]
+    assert not (tmp_path / "o").exists()
+
+
+def independent_t_interval(diffs):
+    # the t quantile for 95 % from its definition (scipy's t.cdf inverted by bisection), not t.ppf
+    from scipy.stats import t
+
+    n = len(diffs)
+    lo, hi = 0.0, 100.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t.cdf(mid, n - 1) < 0.975 else (lo, mid)
+    mean = sum(diffs) / n
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
+    return mean - lo * sd / math.sqrt(n), mean + lo * sd / math.sqrt(n)
+
+
+@pytest.mark.parametrize("diffs, op, margin, verdict", [
+    ([0.02, 0.025, 0.03], ">", 0, "holds"),
+    ([-0.02, -0.025, -0.03], ">", 0, "contradicted"),
+    ([0.02, -0.01, 0.005], ">", 0, "within noise"),
+    ([-0.001, -0.002, 0.0005], ">=", 0.005, "holds"),       # at worst 0.5 points below: non-inferior
+    ([-0.02, -0.021, -0.019], ">=", 0.005, "contradicted"),
+    ([0.01, -0.03, 0.0], ">=", 0.005, "within noise"),
+])
+def test_paired_verdicts(diffs, op, margin, verdict):
+    v = paired_verdict(diffs, op, margin)
+    lo, hi = independent_t_interval(diffs)
+    assert v["ci95"] == pytest.approx([lo, hi], abs=1e-9)
+    assert v["mean"] == pytest.approx(statistics.fmean(diffs))
+    assert v["verdict"] == verdict
+
+
+def test_one_seed_gives_no_verdict():
+    assert paired_verdict([0.1], ">")["verdict"] == "not enough seeds"
+
+
+def test_verdicts_pair_by_seed_and_recompute_from_table_csv(tmp_path):
+    study = Study(name="t", description="d", base=[], variants={"A": [], "B": []}, budgets=[0.5, 0.9],
+                  seeds=[0, 1, 2], claims=[Claim("A", "B", ">", None)])
+    # B is better on average but A beats B on every seed: only pairing sees it
+    rows = []
+    for s, base in enumerate([0.70, 0.90, 0.80]):
+        for b in (0.5, 0.9):
+            rows += [dict(variant="A", budget=b, seed=s, metric=base + 0.01, dense_top1=0.9, flops_reduction=b,
+                          params_reduction=b, train_wall_s=1.0),
+                     dict(variant="B", budget=b, seed=s, metric=base, dense_top1=0.9, flops_reduction=b,
+                          params_reduction=b, train_wall_s=1.0)]
+    rows = [r for r in rows if not (r["variant"] == "B" and r["seed"] == 2 and r["budget"] == 0.9)]  # a missing job
+    judged = write_report(study, rows, tmp_path)
+    assert [v["claim"] for v in judged] == ["A > B at budget 0.5", "A > B at budget 0.9"]
+    assert judged[0]["verdict"] == "holds" and judged[0]["seeds"] == [0, 1, 2]
+    assert judged[1]["seeds"] == [0, 1]  # only seeds with both variants are paired
+    # recompute from table.csv alone
+    table = list(csv.DictReader(open(tmp_path / "table.csv")))
+    for v in judged:
+        value = {(r["variant"], r["seed"]): float(r["metric"]) for r in table if float(r["budget"]) == v["budget"]}
+        diffs = [value[("A", str(s))] - value[("B", str(s))] for s in (0, 1, 2)
+                 if ("A", str(s)) in value and ("B", str(s)) in value]
+        assert paired_verdict(diffs, ">")["ci95"] == pytest.approx(v["ci95"])
+    assert json.loads((tmp_path / "verdicts.json").read_text())[0]["verdict"] == "holds"
+    assert "**holds**" in (tmp_path / "table.md").read_text()
+    assert (tmp_path / "plot.png").stat().st_size > 1000
+
+
+def test_claim_at_a_budget_not_run():
+    study = Study(name="t", description="", base=[], variants={"A": [], "B": []}, budgets=[0.5], seeds=[0, 1],
+                  claims=[Claim("A", "B", ">", 0.9)])
+    assert verdicts(study, [])[0]["verdict"] == "budget not run"
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_study_runs_resumes_and_starts_no_job_the_second_time(tmp_path, dense_dir):
+    path = write_yaml(tmp_path / "mini.yaml", f"""
+description: two variants, two seeds, on a shrunk quick start
+base: [experiment=quickstart, data.image_size=8, epochs=1, dense.epochs=2, latency.repeats=2, latency.warmup=1,
+       paths.dense_dir={dense_dir}]
+variants:
+  magnitude: [method=magnitude]
+  random: [method=random]
+budgets: [0.8]
+seeds: [0, 1]
+columns:
+  sparsity: pruned.sparsity
+claims:
+  - {{a: magnitude, b: random, op: ">="}}
+""")
+    cmd = [sys.executable, str(ROOT / "scripts" / "study.py"), str(path), "--out", str(tmp_path / "out")]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    results = sorted((tmp_path / "out").glob("jobs/*/b0.8_s*/results.json"))
+    assert len(results) == 4
+    stamps = {p: p.stat().st_mtime_ns for p in results}
+    table = list(csv.DictReader(open(tmp_path / "out" / "table.csv")))
+    assert {(r["variant"], r["seed"]) for r in table} == {(v, s) for v in ("magnitude", "random") for s in ("0", "1")}
+    for r in table:
+        assert float(r["sparsity"]) == pytest.approx(0.8, abs=0.005)
+        # the variants of one seed share the dense reference
+    dense = {(r["variant"], r["seed"]): r["dense_top1"] for r in table}
+    assert dense[("magnitude", "0")] == dense[("random", "0")] and dense[("magnitude", "1")] == dense[("random", "1")]
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0
+    assert "4 finished" in second.stdout
+    assert {p: p.stat().st_mtime_ns for p in results} == stamps  # no job ran again
+    verdict = json.loads((tmp_path / "out" / "verdicts.json").read_text())
+    assert verdict[0]["claim"] == "magnitude >= random at budget 0.8" and verdict[0]["n"] == 2
