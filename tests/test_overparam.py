@@ -245,13 +245,29 @@ def test_spkd_is_zero_for_identical_features_and_invariant_to_channel_count():
     assert float(similarity_preserving_loss(narrow, f)) == pytest.approx(float(similarity_preserving_loss(narrow, wide)),
                                                                          rel=1e-5)
     assert float(similarity_preserving_loss(narrow, f)) > 1e-3
-    loss = SimilarityPreserving()(Outputs(torch.zeros(8, 10), [narrow, f]), Outputs(torch.zeros(8, 10), [f, wide]))
-    assert float(loss) == pytest.approx(float(similarity_preserving_loss(narrow, f)), rel=1e-5)
+    student, teacher = Outputs(torch.zeros(8, 10), [narrow, f]), Outputs(torch.zeros(8, 10), [f, wide])
+    one_pair = float(similarity_preserving_loss(narrow, f))  # the second pair contributes 0
+    assert float(SimilarityPreserving("sum")(student, teacher)) == pytest.approx(one_pair, rel=1e-5)
+    # per pair (the default): γ keeps its one-pair meaning however many pairs are matched
+    assert float(SimilarityPreserving()(student, teacher)) == pytest.approx(one_pair / 2, rel=1e-5)
+    with pytest.raises(PruneLabError, match="reduction"):
+        SimilarityPreserving("max")
 
 
-def test_default_pairing_is_every_residual_block():
+def test_grad_norm_ratio_is_the_ratio_of_gradient_norms():
+    w = torch.tensor([3.0, 4.0], requires_grad=True)
+    v = torch.tensor([1.0], requires_grad=True)
+    term, reference = (w * w).sum() / 2 + 0 * v.sum(), (w.sum() + 2 * v.sum())  # ∇: (3, 4, 0) and (1, 1, 2)
+    assert grad_norm_ratio(term, reference, [w, v]) == pytest.approx(5 / 6 ** 0.5)
+    term.backward()  # the graph is kept for the training step's own backward
+
+
+def test_default_pairing_is_every_residual_block_and_stages_the_last_of_each_stage():
     assert residual_blocks(create_model("resnet8")) == ["layer1.0", "layer2.0", "layer3.0"]
     assert len(residual_blocks(create_model("resnet20"))) == 9
+    assert stage_outputs(create_model("resnet20")) == ["layer1.2", "layer2.2", "layer3.2"]
+    with pytest.raises(PruneLabError, match="layers='last'"):
+        Distillation(SimilarityPreserving(), student_layers="last")
 
 
 # -- the method end to end ------------------------------------------------------------------
@@ -292,6 +308,12 @@ def test_overparam_switches_end_to_end(tmp_path, dense_dir):
         assert not any(k.startswith("teacher") for k in ckpt)  # the teacher slot stays out of checkpoints
         metrics = (out / "csv/metrics.csv").read_text().splitlines()[0]
         assert ("train/distill" in metrics) == spkd
+        assert ("distill" in r) == spkd and ("expansion" in r) == expand
+        if spkd:  # SP-KD's pull against the labels at the first step, over the pairs it names
+            assert r["distill"]["grad_ratio_first_step"] > 0 and r["distill"]["reduction"] == "mean"
+            assert [s for s, _ in r["distill"]["pairs"]] == ["layer1.0", "layer2.0", "layer3.0"]
+        if expand:
+            assert r["expansion"]["merge_max_rel_logit_change"] < 1e-5
     weights = {k: load_file(str(out / "model.safetensors")) for k, (_, out) in runs.items()}
     for a in weights:
         for b in weights:
