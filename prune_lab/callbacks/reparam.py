@@ -2,7 +2,9 @@
 
 `LinearExpansion` (linear over-parameterization, METHODS.md §4) replaces every Conv2d and Linear
 of the module's model by an equivalent linear chain (`prune_lab.sparsity.reparam`) in `setup`,
-i.e. before Lightning builds the optimizer, so the optimizer trains the chain's factors; at the
+i.e. before Lightning builds the optimizer, so the optimizer trains the chain's factors (initialised
+so one SGD step moves the merged weight about as far as a step on it would, and with weight decay
+on the middle factor only, which decays the merged weight exactly as plain SGD would); at the
 end of training it merges every chain back into one layer of the original shape, so testing,
 export and `model.safetensors` see exactly the pruned architecture. Checkpoints written during
 training hold the expanded weights (the optimizer state belongs to them); on resume `setup`
