@@ -128,8 +128,20 @@ class PruneLabModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint):
         self.masks.bind(self.model)
 
+    def parameter_groups(self) -> list:
+        """The model's parameters for the optimizer: one group, or two when modules list parameters
+        in `no_decay_parameters()` (the outer factors of an expanded layer, whose weight decay would
+        shrink the merged weight 3× as fast): those get weight_decay=0."""
+        exempt = {id(p) for m in self.model.modules() if hasattr(m, "no_decay_parameters")
+                  for p in m.no_decay_parameters()}
+        params = list(self.model.parameters())
+        if not exempt:
+            return params
+        return [{"params": [p for p in params if id(p) not in exempt]},
+                {"params": [p for p in params if id(p) in exempt], "weight_decay": 0.0}]
+
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(params=self.model.parameters())
+        optimizer = self.optimizer_factory(params=self.parameter_groups())
         scheduler = make_scheduler(self.scheduler_factory, optimizer, int(self.trainer.estimated_stepping_batches))
         if scheduler is None:
             return optimizer

@@ -10,10 +10,13 @@ from safetensors.torch import load_file
 from torch import nn
 
 from conftest import FAST, compose_cfg
-from prune_lab.callbacks.distillation import (Outputs, SimilarityPreserving, residual_blocks,
-                                              similarity_preserving_loss)
+from prune_lab.callbacks import Distillation, LinearExpansion
+from prune_lab.callbacks.distillation import (Outputs, SimilarityPreserving, grad_norm_ratio, residual_blocks,
+                                              similarity_preserving_loss, stage_outputs)
+from prune_lab.errors import PruneLabError
 from prune_lab.export import load_model
 from prune_lab.models import create_model
+from prune_lab.module import PruneLabModule
 from prune_lab.pipeline import run
 from prune_lab.sparsity.reparam import ExpandedConv2d, ExpandedLinear, expand_layers, merge_layers
 
@@ -111,12 +114,125 @@ def test_extra_parameters_receive_gradients_unlike_identity_plus_zeros():
     with torch.no_grad():
         for p in trap.parameters():
             p.zero_()
+        trap.scale.fill_(1.0)
         trap.a.weight[:4, :, 0, 0] = torch.eye(4)
         trap.b.weight[:, :6, 0, 0] = torch.eye(6)
         trap.k.weight[:6, :4] = conv.weight
         assert rel(trap(x), conv(x)) < 1e-6
     trap(x).square().sum().backward()
     assert torch.count_nonzero(trap.k.weight.grad[6:]) == 0 and torch.count_nonzero(trap.k.weight.grad[:, 4:]) == 0
+
+
+# -- the same first step as vanilla fine-tuning --------------------------------------------
+def weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The conv/linear weights of a plain model, or of an expanded one once merged (a merged copy)."""
+    import copy
+    merged = copy.deepcopy(model)
+    merge_layers(merged)
+    return {n: m.weight.detach().clone() for n, m in merged.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+
+
+def one_step(model: nn.Module, x, y, lr: float = 1e-3, weight_decay: float = 0.0, zero_grad: bool = False):
+    """One step of the recipe's optimizer (SGD, momentum 0.9, Nesterov), parameter groups as in training."""
+    module = PruneLabModule(model, 10, x[:1], None)
+    opt = torch.optim.SGD(module.parameter_groups(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+    if zero_grad:
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+    else:
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+
+
+def step_ratios(model_factory, ratio: int, x, y, **step) -> tuple[float, list[float]]:
+    """‖ΔW expanded‖ / ‖ΔW vanilla‖ after one step from the same weights on the same batch:
+    over all conv/linear weights together, and per layer."""
+    vanilla = model_factory()
+    expanded = model_factory()
+    expand_layers(expanded, ratio, torch.Generator().manual_seed(ratio))
+    w0 = weights(vanilla)
+    one_step(vanilla, x, y, **step)
+    one_step(expanded, x, y, **step)
+    dv = {n: w - w0[n] for n, w in weights(vanilla).items()}
+    de = {n: w - w0[n] for n, w in weights(expanded).items()}
+    whole = (sum(float(d.pow(2).sum()) for d in de.values()) / sum(float(d.pow(2).sum()) for d in dv.values())) ** 0.5
+    return whole, [float(de[n].norm() / dv[n].norm()) for n in dv]
+
+
+def resnet8(dtype=torch.float32):
+    torch.manual_seed(0)
+    return create_model("resnet8", num_classes=10, in_channels=1).to(dtype).train()
+
+
+def batch(dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(32, 1, 16, 16, generator=g, dtype=dtype), torch.randint(0, 10, (32,), generator=g)
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("ratio", [1, 2, 4, 8])
+def test_one_sgd_step_moves_the_merged_weight_as_far_as_vanilla(ratio):
+    whole, per_layer = step_ratios(resnet8, ratio, *batch())
+    assert 0.67 <= whole <= 1.5, whole
+    assert all(0.5 <= r <= 2.0 for r in per_layer), per_layer
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_the_step_test_catches_random_outer_factors():
+    """The former initialisation (Gaussian A, B; K = B⁺WA⁺; no scale) is exact too, but one step moves
+    W several times as far as vanilla's."""
+    x, y = batch()
+    vanilla, chained = resnet8(), resnet8()
+    expand_layers(chained, 4, torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in chained.modules():
+            if isinstance(m, (ExpandedConv2d, ExpandedLinear)):
+                w = m.merge().weight.double()
+                out_c, in_c = w.shape[:2]
+                a = torch.randn(4 * in_c, in_c, generator=g, dtype=torch.float64) / in_c ** 0.5
+                b = torch.randn(out_c, 4 * out_c, generator=g, dtype=torch.float64) / (4 * out_c) ** 0.5
+                k = torch.einsum("po,oi...,iq->pq...", torch.linalg.pinv(b), w, torch.linalg.pinv(a))
+                m.a.weight.copy_(a.view_as(m.a.weight)), m.k.weight.copy_(k), m.b.weight.copy_(b.view_as(m.b.weight))
+                m.scale.fill_(1.0)
+    w0 = weights(vanilla)
+    assert all(rel(weights(chained)[n], w) < 1e-5 for n, w in w0.items())  # still exact
+    one_step(vanilla, x, y)
+    one_step(chained, x, y)
+    dv = sum(float((w - w0[n]).pow(2).sum()) for n, w in weights(vanilla).items()) ** 0.5
+    de = sum(float((w - w0[n]).pow(2).sum()) for n, w in weights(chained).items()) ** 0.5
+    assert de / dv > 3
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_weight_decay_shrinks_the_merged_weight_as_plain_sgd_does():
+    """Zero loss gradient, wd > 0: the merged W moves exactly as vanilla SGD's W (decay on K only)."""
+    x, y = batch(torch.float64)
+    whole, per_layer = step_ratios(lambda: resnet8(torch.float64), 4, x, y, lr=0.1, weight_decay=0.01, zero_grad=True)
+    assert abs(whole - 1) < 1e-6 and all(abs(r - 1) < 1e-6 for r in per_layer)
+    # and it is the direction of plain decay: ΔW = -lr·(1 + momentum)·wd·W on the first step
+    model = resnet8(torch.float64)
+    expand_layers(model, 4, torch.Generator().manual_seed(0))
+    w0 = weights(model)
+    one_step(model, x, y, lr=0.1, weight_decay=0.01, zero_grad=True)
+    for n, w in weights(model).items():
+        torch.testing.assert_close(w, w0[n] * (1 - 0.1 * 1.9 * 0.01), rtol=1e-9, atol=1e-12)
+    # decaying all three factors (one parameter group) would shrink W about 3× as fast
+    model = resnet8(torch.float64)
+    expand_layers(model, 4, torch.Generator().manual_seed(0))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    shrink = [float(1 - w.norm() / w0[n].norm()) / (0.1 * 1.9 * 0.01) for n, w in weights(model).items()]
+    assert all(2.5 < s < 3.1 for s in shrink), shrink
+
+
+@pytest.mark.parametrize("kwargs", [dict(ratio=2.5), dict(ratio=0), dict(ratio=True), dict(step_share=0.0),
+                                    dict(step_share=1.5), dict(compute="fast")])
+def test_settings_that_cannot_train_well_are_refused(kwargs):
+    with pytest.raises(PruneLabError, match=next(iter(kwargs))):
+        LinearExpansion(**kwargs)
 
 
 def test_spkd_is_zero_for_identical_features_and_invariant_to_channel_count():
@@ -129,13 +245,29 @@ def test_spkd_is_zero_for_identical_features_and_invariant_to_channel_count():
     assert float(similarity_preserving_loss(narrow, f)) == pytest.approx(float(similarity_preserving_loss(narrow, wide)),
                                                                          rel=1e-5)
     assert float(similarity_preserving_loss(narrow, f)) > 1e-3
-    loss = SimilarityPreserving()(Outputs(torch.zeros(8, 10), [narrow, f]), Outputs(torch.zeros(8, 10), [f, wide]))
-    assert float(loss) == pytest.approx(float(similarity_preserving_loss(narrow, f)), rel=1e-5)
+    student, teacher = Outputs(torch.zeros(8, 10), [narrow, f]), Outputs(torch.zeros(8, 10), [f, wide])
+    one_pair = float(similarity_preserving_loss(narrow, f))  # the second pair contributes 0
+    assert float(SimilarityPreserving("sum")(student, teacher)) == pytest.approx(one_pair, rel=1e-5)
+    # per pair (the default): γ keeps its one-pair meaning however many pairs are matched
+    assert float(SimilarityPreserving()(student, teacher)) == pytest.approx(one_pair / 2, rel=1e-5)
+    with pytest.raises(PruneLabError, match="reduction"):
+        SimilarityPreserving("max")
 
 
-def test_default_pairing_is_every_residual_block():
+def test_grad_norm_ratio_is_the_ratio_of_gradient_norms():
+    w = torch.tensor([3.0, 4.0], requires_grad=True)
+    v = torch.tensor([1.0], requires_grad=True)
+    term, reference = (w * w).sum() / 2 + 0 * v.sum(), (w.sum() + 2 * v.sum())  # ∇: (3, 4, 0) and (1, 1, 2)
+    assert grad_norm_ratio(term, reference, [w, v]) == pytest.approx(5 / 6 ** 0.5)
+    term.backward()  # the graph is kept for the training step's own backward
+
+
+def test_default_pairing_is_every_residual_block_and_stages_the_last_of_each_stage():
     assert residual_blocks(create_model("resnet8")) == ["layer1.0", "layer2.0", "layer3.0"]
     assert len(residual_blocks(create_model("resnet20"))) == 9
+    assert stage_outputs(create_model("resnet20")) == ["layer1.2", "layer2.2", "layer3.2"]
+    with pytest.raises(PruneLabError, match="layers='last'"):
+        Distillation(SimilarityPreserving(), student_layers="last")
 
 
 # -- the method end to end ------------------------------------------------------------------
@@ -176,6 +308,12 @@ def test_overparam_switches_end_to_end(tmp_path, dense_dir):
         assert not any(k.startswith("teacher") for k in ckpt)  # the teacher slot stays out of checkpoints
         metrics = (out / "csv/metrics.csv").read_text().splitlines()[0]
         assert ("train/distill" in metrics) == spkd
+        assert ("distill" in r) == spkd and ("expansion" in r) == expand
+        if spkd:  # SP-KD's pull against the labels at the first step, over the pairs it names
+            assert r["distill"]["grad_ratio_first_step"] > 0 and r["distill"]["reduction"] == "mean"
+            assert [s for s, _ in r["distill"]["pairs"]] == ["layer1.0", "layer2.0", "layer3.0"]
+        if expand:
+            assert r["expansion"]["merge_max_rel_logit_change"] < 1e-5
     weights = {k: load_file(str(out / "model.safetensors")) for k, (_, out) in runs.items()}
     for a in weights:
         for b in weights:

@@ -9,12 +9,18 @@ fraction of training done (per step, or per epoch for losses with `per_epoch`), 
 the same at any run length. Losses: `BaseDecayedKL` / `PlainKL` (UniPTS), `SimilarityPreserving`
 (SP-KD, linear over-parameterization); by name from `LOSSES` or as objects (`_target_`).
 
-Layer pairing is by module path: `student_layers` (default: the output of every residual
-block, found by class name `*Block`/`*Bottleneck`), `teacher_layers` (default: the same paths).
-A pruned or expanded student keeps its block paths, so the default pairs block i with block i.
+Layer pairing is by module path: `student_layers` (default "blocks": the output of every
+residual block, found by class name `*Block`/`*Bottleneck`; "stages": the output of the last block
+of each stage; or a list of paths), `teacher_layers` (default: the same paths). A pruned or
+expanded student keeps its block paths, so the default pairs block i with block i.
+
+At the first training step the callback measures ‖∇θ(weight · loss)‖ / ‖∇θ CE‖ over the
+student's parameters (two extra backward passes, once) and logs it (`train/distill_ce_grad_ratio`,
+results.json `distill.grad_ratio_first_step`): how strongly the teacher pulls against the labels.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import lightning as L
@@ -23,6 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from prune_lab.errors import PruneLabError
+
+log = logging.getLogger("prune_lab")
 
 
 @dataclass
@@ -89,18 +97,27 @@ def similarity_preserving_loss(student: torch.Tensor, teacher: torch.Tensor) -> 
 
 
 class SimilarityPreserving:
-    """SP-KD (Tung & Mori, ICCV 2019): Σ over layer pairs of the similarity-preserving loss.
+    """SP-KD (Tung & Mori, ICCV 2019): the similarity-preserving loss over layer pairs.
 
     The callback's `weight` is the paper's γ (3000 in the over-parameterization recipe).
+    `reduction`: "mean" (default) averages over the pairs, so γ is a per-pair weight and keeps the
+    meaning it has in the paper's one-pair setting however many pairs are matched (27 residual blocks
+    on ResNet-56 would otherwise multiply it by 27); "sum" adds them up (γ per pair, total grows with
+    the number of pairs).
     """
 
     uses_features = True
 
+    def __init__(self, reduction: str = "mean"):
+        if reduction not in ("mean", "sum"):
+            raise PruneLabError(f"SP-KD reduction='{reduction}' is not one of: mean, sum")
+        self.reduction = reduction
+
     def __call__(self, student: Outputs, teacher: Outputs, progress: float = 0.0) -> torch.Tensor:
         if len(student.features) != len(teacher.features) or not student.features:
             raise PruneLabError("SP-KD needs the same non-zero number of student and teacher layers")
-        return sum(similarity_preserving_loss(s.float(), t.float())
-                   for s, t in zip(student.features, teacher.features))
+        total = sum(similarity_preserving_loss(s.float(), t.float()) for s, t in zip(student.features, teacher.features))
+        return total / len(student.features) if self.reduction == "mean" else total
 
 
 LOSSES = {"base_decayed": BaseDecayedKL, "plain": PlainKL}
@@ -113,6 +130,25 @@ def residual_blocks(model: nn.Module) -> list[str]:
     return [n for n in names if not any(n.startswith(f"{o}.") for o in names)]
 
 
+def stage_outputs(model: nn.Module) -> list[str]:
+    """Paths of the last residual block of each stage (blocks that share a parent module)."""
+    last: dict[str, str] = {}
+    for n in residual_blocks(model):
+        last[n.rpartition(".")[0]] = n
+    return list(last.values())
+
+
+PAIRINGS = {"blocks": residual_blocks, "stages": stage_outputs}
+
+
+def grad_norm_ratio(term: torch.Tensor, reference: torch.Tensor, params: list[torch.Tensor]) -> float:
+    """‖∇ term‖ / ‖∇ reference‖ over `params` (graph kept for the training step's own backward)."""
+    def norm(loss):
+        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        return torch.sqrt(sum(g.double().pow(2).sum() for g in grads if g is not None))
+    return float(norm(term) / norm(reference).clamp_min(1e-30))
+
+
 class Distillation(L.Callback):
     """Adds `weight · loss(student, teacher)` to the training loss.
 
@@ -123,8 +159,9 @@ class Distillation(L.Callback):
         temperature: T of the named KL losses.
         label_weight: factor on the label cross-entropy (0: the objective uses no labels).
         teacher_mode: "eval", or "train" (the teacher's BN uses batch statistics, as in UniPTS).
-        student_layers / teacher_layers: module paths whose outputs are paired, in order;
-            null = every residual block (teacher: the student's paths). Only for feature losses.
+        student_layers / teacher_layers: module paths whose outputs are paired, in order, or
+            "blocks" (every residual block; also null) or "stages" (the last block of each stage);
+            teacher null = the student's paths. Only for feature losses.
         enabled: false turns the callback into a no-op (ablations such as `spkd=false`).
     """
 
@@ -139,8 +176,14 @@ class Distillation(L.Callback):
             raise PruneLabError(f"teacher_mode '{teacher_mode}' is not one of: train, eval")
         self.loss, self.weight, self.enabled = loss, float(weight), bool(enabled)
         self.label_weight, self.teacher_mode = float(label_weight), teacher_mode
-        self.student_layers = list(student_layers) if student_layers else None
-        self.teacher_layers = list(teacher_layers) if teacher_layers else None
+        for layers in (student_layers, teacher_layers):
+            if isinstance(layers, str) and layers not in PAIRINGS:
+                raise PruneLabError(f"distillation layers='{layers}' is not one of: {', '.join(PAIRINGS)}, "
+                                    "or a list of module paths")
+        self.student_layers = student_layers if isinstance(student_layers, str) else list(student_layers or []) or None
+        self.teacher_layers = teacher_layers if isinstance(teacher_layers, str) else list(teacher_layers or []) or None
+        self.grad_ratio: float | None = None  # ‖∇ distillation‖ / ‖∇ CE‖ at the first step
+        self.pairs: list[tuple[str, str]] = []
         self._hooks: list = []
         self._seen: dict[str, dict[str, torch.Tensor]] = {"student": {}, "teacher": {}}
         self._term = None
@@ -159,8 +202,10 @@ class Distillation(L.Callback):
         self.pairs = []
         if not getattr(self.loss, "uses_features", False):
             return
-        student = self.student_layers or residual_blocks(pl_module.model)
-        teacher = self.teacher_layers or student
+        def paths(layers, model):
+            return PAIRINGS[layers](model) if isinstance(layers, str) else layers
+        student = paths(self.student_layers or "blocks", pl_module.model)
+        teacher = paths(self.teacher_layers, pl_module.teacher) if self.teacher_layers else student
         if not student or len(student) != len(teacher):
             raise PruneLabError(f"distillation layer pairing is empty or uneven (student {student}, teacher "
                                 f"{teacher}); set the student_layers/teacher_layers module paths")
@@ -189,12 +234,33 @@ class Distillation(L.Callback):
         else:
             progress = trainer.global_step / max(int(trainer.estimated_stepping_batches), 1)
         value = self.weight * self.loss(student, teacher, progress)
+        if self.grad_ratio is None and trainer.global_step == 0 and trainer.world_size == 1 and value.requires_grad:
+            ce = F.cross_entropy(logits, batch[1], label_smoothing=pl_module.label_smoothing)
+            params = [p for p in pl_module.model.parameters() if p.requires_grad]
+            self.grad_ratio = grad_norm_ratio(value, ce, params)
+            pl_module.log("train/distill_ce_grad_ratio", self.grad_ratio, on_step=False, on_epoch=True)
+            log.info("distillation: ‖∇ distill‖/‖∇ CE‖ = %.3g at the first step (%d layer pairs)",
+                     self.grad_ratio, len(self.pairs))
         for seen in self._seen.values():
             seen.clear()  # do not keep the batch's activations alive until the next one
         pl_module.log("train/distill", value, on_step=False, on_epoch=True, sync_dist=True)
         if hasattr(self.loss, "tau"):
             pl_module.log("train/kd_tau", self.loss.tau(progress), on_step=False, on_epoch=True)
         return value
+
+    def state_dict(self):
+        return {"grad_ratio": self.grad_ratio}
+
+    def load_state_dict(self, state):
+        self.grad_ratio = state.get("grad_ratio")
+
+    def report(self) -> dict:
+        """results.json["distill"]: the loss, its pairing and weight, the first-step gradient ratio."""
+        if not self.enabled:
+            return {}
+        return {"distill": {"loss": type(self.loss).__name__, "weight": self.weight,
+                            "reduction": getattr(self.loss, "reduction", None), "pairs": [list(p) for p in self.pairs],
+                            "grad_ratio_first_step": self.grad_ratio}}
 
     def on_fit_end(self, trainer, pl_module):
         for h in self._hooks:

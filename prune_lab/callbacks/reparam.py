@@ -2,7 +2,9 @@
 
 `LinearExpansion` (linear over-parameterization, METHODS.md §4) replaces every Conv2d and Linear
 of the module's model by an equivalent linear chain (`prune_lab.sparsity.reparam`) in `setup`,
-i.e. before Lightning builds the optimizer, so the optimizer trains the chain's factors; at the
+i.e. before Lightning builds the optimizer, so the optimizer trains the chain's factors (initialised
+so one SGD step moves the merged weight about as far as a step on it would, and with weight decay
+on the middle factor only, which decays the merged weight exactly as plain SGD would); at the
 end of training it merges every chain back into one layer of the original shape, so testing,
 export and `model.safetensors` see exactly the pruned architecture. Checkpoints written during
 training hold the expanded weights (the optimizer state belongs to them); on resume `setup`
@@ -32,7 +34,7 @@ import torch
 
 from prune_lab.errors import PruneLabError
 from prune_lab.sparsity import exact_counts, masks_from_counts
-from prune_lab.sparsity.reparam import expand_layers, merge_layers
+from prune_lab.sparsity.reparam import DEFAULT_STEP_SHARE, expand_layers, merge_layers
 
 log = logging.getLogger("prune_lab")
 
@@ -41,25 +43,41 @@ class LinearExpansion(L.Callback):
     """Expand conv/linear layers by `ratio` for training, merge them at the end.
 
     Args:
-        ratio: channel expansion r of the chain 1×1 (C_in→r·C_in) → k×k → 1×1 (r·C_out→C_out).
+        ratio: channel expansion r of the chain 1×1 (C_in→r·C_in) → k×k → 1×1 (r·C_out→C_out);
+            an integer >= 1 (the step-matched initialisation moves W as far at r = 1 as at r = 8).
         enabled: false turns the callback into a no-op (the method's `expand=false` ablation).
         seed: seed of the random outer factors; a private generator, so expanding does not shift
             the global random stream (data order stays that of the unexpanded run).
         skip: module names left unexpanded.
         compute: "collapsed" (compose B·K·A each step, run one conv: same function and gradients,
             far cheaper) or "chain" (run the three layers); see `prune_lab.sparsity.reparam`.
+        step_share: κ in (0, 1], the bound on each factor's share of an SGD step of the merged
+            weight relative to vanilla's (0.7: the whole step ≈ vanilla's; `prune_lab.sparsity.reparam`).
     """
 
     def __init__(self, ratio: int = 4, enabled: bool = True, seed: int = 0, skip: list[str] | tuple = (),
-                 compute: str = "collapsed"):
+                 compute: str = "collapsed", step_share: float = DEFAULT_STEP_SHARE):
         if compute not in ("collapsed", "chain"):
             raise PruneLabError(f"expansion compute='{compute}' is not one of: collapsed, chain")
         self.compute = compute
-        if int(ratio) < 1:
-            raise PruneLabError(f"expansion ratio={ratio} must be an integer >= 1")
-        self.ratio, self.enabled, self.seed, self.skip = int(ratio), bool(enabled), int(seed), tuple(skip or ())
+        if isinstance(ratio, bool) or not isinstance(ratio, int) or ratio < 1:
+            raise PruneLabError(f"method.ratio={ratio} must be an integer >= 1 (the channel expansion r)")
+        if isinstance(step_share, bool) or not isinstance(step_share, (int, float)) or not 0 < step_share <= 1:
+            raise PruneLabError(f"method.step_share={step_share} must be in (0, 1]: each factor's share of "
+                                "vanilla's step (0.7 matches it)")
+        self.ratio, self.enabled, self.seed, self.skip = ratio, bool(enabled), int(seed), tuple(skip or ())
+        self.step_share = float(step_share)
         self.expanded: list[str] = []
         self.merge_error: float | None = None
+        self.params: tuple[int, int] | None = None
+
+    def report(self) -> dict:
+        """results.json["expansion"]: what was trained and how exactly it merged back."""
+        if not self.enabled:
+            return {}
+        return {"expansion": {"ratio": self.ratio, "step_share": self.step_share, "compute": self.compute,
+                              "trained_params": self.params[1] if self.params else None,
+                              "merge_max_rel_logit_change": self.merge_error}}
 
     def setup(self, trainer, pl_module, stage):
         if stage != "fit" or not self.enabled:
@@ -69,11 +87,13 @@ class LinearExpansion(L.Callback):
                                 "(a merge would not keep them); use structured pruning with shrink_at_start: true")
         generator = torch.Generator().manual_seed(self.seed)
         before = sum(p.numel() for p in pl_module.model.parameters())
-        self.expanded = expand_layers(pl_module.model, self.ratio, generator, self.skip, self.compute)
+        self.expanded = expand_layers(pl_module.model, self.ratio, generator, self.skip, self.compute,
+                                      self.step_share)
         pl_module.rebind()
         after = sum(p.numel() for p in pl_module.model.parameters())
-        log.info("linear expansion (r=%d): %d layers, %d → %d trainable parameters", self.ratio, len(self.expanded),
-                 before, after)
+        self.params = (before, after)
+        log.info("linear expansion (r=%d, step_share=%.2f): %d layers, %d → %d trainable parameters", self.ratio,
+                 self.step_share, len(self.expanded), before, after)
 
     def on_fit_end(self, trainer, pl_module):  # after every checkpoint of the run is written
         if not self.enabled or not self.expanded:
