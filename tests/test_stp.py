@@ -242,7 +242,8 @@ def test_distillation_gradients_reach_only_the_weights_a_subnet_uses():
 
 def test_stp_quickstart_extracts_a_subnet_within_budget(tmp_path, dense_dir):
     results, out = run_fast(tmp_path, dense_dir, "method=stp", "budget=0.5", "method.callbacks.stp.search_population=12",
-                            "method.callbacks.stp.search_generations=3", "method.callbacks.stp.pool_size=300")
+                            "method.callbacks.stp.search_generations=3", "method.callbacks.stp.pool_size=300",
+                            "method.weight_decay=1e-4", "method.search_images=100")
     assert abs(results["pruned"]["flops_reduction"] - 0.5) <= 0.02 and results["budget_met"]
     assert results["pruned"]["flops_reduction"] >= 0.5 - 1e-9  # never over the FLOPs budget
     stp = results["stp"]
@@ -255,6 +256,9 @@ def test_stp_quickstart_extracts_a_subnet_within_budget(tmp_path, dense_dir):
     assert magnitude["start"]["kept_mean_abs"] != magnitude["end"]["kept_mean_abs"]  # training moved them
     on_disk = json.loads((out / "search.json").read_text())
     assert on_disk["arch"] == stp["arch"] and on_disk["kept_dropped_magnitude"] == magnitude
+    assert stp["search_images"] == 100
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert {g["weight_decay"] for g in ckpt["optimizer_states"][0]["param_groups"]} == {1e-4}  # STP's own
     assert results["export"]["max_abs_diff_masked_vs_deployed"] < 1e-4
     x = torch.randn(3, 1, 8, 8)
     program = torch.export.load(str(out / "model.pt2")).module()

@@ -52,10 +52,10 @@ class StimulativeTraining(L.Callback):
     def __init__(self, budget: float, num_subnets: int = 2, temperature: float = 1.0, kd_weight: float = 1.0,
                  distill: bool = True, warmup_epochs: int = 0, widths=DEFAULT_WIDTHS, pool_size: int = 2000,
                  bins: int = 8, expansion: bool = True, expansion_reach: float = 0.3, expansion_window: float = 0.1,
-                 elite_band: float = 0.03, elites: int = 5, elite_updates: int = 20, search: bool = True,
+                 elite_band: float = 0.03, elites: int = 5, elite_updates: int = 10, search: bool = True,
                  search_population: int = 50, search_generations: int = 20, search_parents: int = 10,
                  mutation_prob: float = 0.1, search_images: int = 512, bn_images: int = 2000,
-                 tolerance: float = 0.02, seed: int = 0):
+                 tolerance: float = 0.02, weight_decay: float | None = None, seed: int = 0):
         if not 0.0 < budget < 1.0:
             raise PruneLabError(f"budget={budget} is outside (0, 1) for stp")
         if int(num_subnets) < 1:
@@ -72,6 +72,9 @@ class StimulativeTraining(L.Callback):
         self.search, self.search_population, self.search_generations = search, search_population, search_generations
         self.search_parents, self.mutation_prob, self.search_images = search_parents, mutation_prob, int(search_images)
         self.bn_images, self.tolerance, self.seed = bn_images, tolerance, seed
+        # STP's own weight decay (the released ST code: 1e-4) without changing module.optimizer's,
+        # which also trains the dense reference every variant of a study shares
+        self.weight_decay = None if weight_decay is None else float(weight_decay)
         self.ordered = False
         self.channel_scores: list[torch.Tensor] = []
         self.elites: list[Arch] = []
@@ -120,6 +123,12 @@ class StimulativeTraining(L.Callback):
             self.start_magnitudes = self.filter_magnitudes(pl_module.model)
         if self.distill:
             pl_module.loss_terms.append(self._subnet_loss)
+
+    def on_train_start(self, trainer, pl_module):
+        if self.weight_decay is not None:
+            for optimizer in trainer.optimizers:
+                for group in optimizer.param_groups:
+                    group["weight_decay"] = self.weight_decay
 
     def on_train_epoch_start(self, trainer, pl_module):
         if not self.ordered and trainer.current_epoch >= self.warmup_epochs:
