@@ -153,6 +153,12 @@ def test_expansion_window_reaches_the_budget_at_reach_and_mutants_stay_inside():
         for step in range(20):
             for arch in sampler.sample(p, random.Random(step), elites)[1:]:
                 assert lo - 1e-9 <= stp.space.reduction(arch) <= hi + 1e-9
+    # re-rankings come often enough that the centre moves less than the window's half-width between two
+    total = 1000
+    for p in (0.0, 0.1, 0.29):
+        every = sampler.elite_interval(p, total, 10)
+        assert sampler.centre(p + every / total) - sampler.centre(p) < 0.1
+    assert sampler.elite_interval(0.5, total, 10) == 4 * sampler.elite_interval(0.1, total, 10)
     # elites are ranked near the centre: a fitness favouring big subnets cannot pull them to 0
     ranked = sampler.select_elites([stp.space.largest()], 0.15, lambda a: -stp.space.macs(a), rng, k=5)
     assert ranked and all(abs(stp.space.reduction(a) - 0.35) <= stp.elite_band + 1e-9 for a in ranked)

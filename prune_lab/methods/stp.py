@@ -171,15 +171,16 @@ class StimulativeTraining(L.Callback):
         return self.counts["in_band"] / self.counts["sampled"] if self.counts["sampled"] else None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        """Re-rank the elites `elite_updates` times over training, near the centre the window
-        will have until the next re-ranking."""
+        """Re-rank the elites `elite_updates` times while the window slides (rarer after), near the
+        centre the window has halfway to the next re-ranking."""
         if not (self.expansion and self.ordered and self.distill):
             return
-        every = max(1, int(trainer.estimated_stepping_batches) // max(1, self.elite_updates))
-        if trainer.global_step % every:
+        total, step = max(1, int(trainer.estimated_stepping_batches)), trainer.global_step
+        every = self.sampler.elite_interval(step / total, total, self.elite_updates)
+        if step % every:
             return
-        upcoming = (trainer.global_step + every) / max(1, trainer.estimated_stepping_batches)
-        rng = random.Random(f"{self.seed}-elites-{trainer.global_step}")
+        upcoming = (step + every / 2) / total
+        rng = random.Random(f"{self.seed}-elites-{step}")
         self.elites = self.sampler.select_elites(self.elites, upcoming, self._fitness(pl_module, trainer), rng,
                                                  self.num_elites)
 

@@ -120,6 +120,14 @@ class SubnetSampler:
         return self.pool.sample(rng, lo, hi)
 
     # -- elites --------------------------------------------------------------------------
+    def elite_interval(self, progress: float, total_steps: int, updates: int) -> int:
+        """Steps between two elite re-rankings: `updates` of them while the window slides (the
+        centre then moves budget / updates between two, 0.085 at the defaults: within the
+        window's half-width, so the new elites' mutants fit the window), 4x rarer once it stays
+        at the budget. A reach of 0 counts as 0.1 here."""
+        every = max(1, int(max(self.reach, 0.1) * total_steps / max(1, updates)))
+        return every if progress < self.reach else 4 * every
+
     def select_elites(self, elites: list[Arch], progress: float, fitness: Callable[[Arch], float],
                       rng: random.Random, k: int, candidates: int = 10) -> list[Arch]:
         """The `k` candidates with the lowest KD fitness among those within ± elite_band of the
