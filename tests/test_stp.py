@@ -269,3 +269,20 @@ def test_stp_quickstart_extracts_a_subnet_within_budget(tmp_path, dense_dir):
     x = torch.randn(3, 1, 8, 8)
     program = torch.export.load(str(out / "model.pt2")).module()
     torch.testing.assert_close(program(x), load_model(out)(x), rtol=1e-5, atol=1e-5)
+
+
+def test_stratified_slice_without_stored_labels_reads_equal_shares():
+    labels = torch.arange(90) % 3
+
+    class NoStoredLabels(torch.utils.data.Dataset):
+        def __len__(self):
+            return 90
+
+        def __getitem__(self, i):
+            return torch.zeros(1), int(labels[i])
+
+    picked = stratified_indices(NoStoredLabels(), 30, seed=1, num_classes=3)
+    assert len(set(picked)) == 30 and torch.bincount(labels[picked]).tolist() == [10, 10, 10]
+    with_labels = TensorImageDataset(torch.zeros(90, 1), labels)
+    assert torch.bincount(labels[stratified_indices(torch.utils.data.Subset(with_labels, range(90)), 30)]).tolist() \
+        == [10, 10, 10]

@@ -19,7 +19,9 @@ def known_labels(dataset: Dataset) -> torch.Tensor | None:
         labels = getattr(dataset, attr, None)
         if labels is not None and len(labels) == len(dataset):
             return torch.as_tensor(labels).long()
-    base, indices = getattr(dataset, "dataset", None) or getattr(dataset, "base", None), getattr(dataset, "indices", None)
+    base = getattr(dataset, "dataset", None)  # torch's Subset
+    base = getattr(dataset, "base", None) if base is None else base  # prune_lab's TransformSubset
+    indices = getattr(dataset, "indices", None)
     if base is not None and indices is not None:
         labels = known_labels(base)
         if labels is not None:
