@@ -249,7 +249,8 @@ def test_distillation_gradients_reach_only_the_weights_a_subnet_uses():
 def test_stp_quickstart_extracts_a_subnet_within_budget(tmp_path, dense_dir):
     results, out = run_fast(tmp_path, dense_dir, "method=stp", "budget=0.5", "method.callbacks.stp.search_population=12",
                             "method.callbacks.stp.search_generations=3", "method.callbacks.stp.pool_size=300",
-                            "method.weight_decay=1e-4", "method.search_images=100")
+                            "method.weight_decay=1e-4", "method.search_images=100",
+                            "method.callbacks.stp.elite_updates=3")
     assert abs(results["pruned"]["flops_reduction"] - 0.5) <= 0.02 and results["budget_met"]
     assert results["pruned"]["flops_reduction"] >= 0.5 - 1e-9  # never over the FLOPs budget
     stp = results["stp"]
