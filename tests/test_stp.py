@@ -9,6 +9,11 @@ import torch
 import torch_pruning as tp
 import torchvision
 
+from types import SimpleNamespace
+
+from prune_lab.data.base import TensorImageDataset
+from prune_lab.data.heldout import stratified_indices
+from prune_lab.errors import PruneLabError
 from prune_lab.export import load_model, remove_modules
 from prune_lab.methods.stp import ArchPool, StimulativeTraining, subnet_kl
 from prune_lab.models import classifier_of, create_model
@@ -89,18 +94,130 @@ def test_sampled_subnets_are_nested_slices():
         assert int(keep.sum()) == max(1, -(-int(arch.widths[stage] * 1000 * keep.numel()) // 1000))
 
 
+def bound_stp(model, x, budget, **kwargs):
+    """An STP callback bound to `model` as on_fit_start binds it, channels ordered by L1 norm."""
+    stp = StimulativeTraining(budget=budget, **{"pool_size": 300, **kwargs})
+    stp.check(model, x[:1])
+    stp.bind(model, x[:1])
+    stp.space.order(stp.space.groups.scores(tp.importance.GroupMagnitudeImportance(p=1, normalizer=None)))
+    return stp
+
+
 @pytest.mark.parametrize("budget", [0.3, 0.5, 0.7])
 def test_search_never_returns_an_architecture_over_the_budget(budget):
     model = randomised(create_model("resnet20", num_classes=10))
-    x = torch.randn(2, 3, 32, 32)
-    stp = StimulativeTraining(budget=budget, search_population=20, search_generations=5, pool_size=200)
-    stp.space = space_for(model, x)
-    stp.pool = ArchPool(stp.space, budget, 200, 8, random.Random(0))
+    stp = bound_stp(model, torch.randn(2, 3, 32, 32), budget, search_population=20, search_generations=5)
     stp.elites = [stp.space.largest()]  # infeasible: must not leak through
     # a fitness that rewards big networks pushes the search against the budget from above
     arch, history = stp.evolve(lambda a: -stp.space.macs(a), random.Random(0))
     assert budget <= stp.space.reduction(arch) <= budget + stp.tolerance
     assert history == sorted(history, reverse=True)  # elitist: never worse
+
+
+@pytest.mark.parametrize("expansion", [True, False])
+def test_every_step_trains_a_subnet_in_the_budget_band(expansion):
+    """From step 0 to the last, with elites re-ranked as in training (by a fitness that favours
+    the largest subnets), every step's students include one the search could return."""
+    model = randomised(create_model("resnet20", num_classes=10))
+    stp = bound_stp(model, torch.randn(2, 3, 32, 32), 0.85, num_subnets=3, expansion=expansion)
+    sampler, steps, elites, in_band = stp.sampler, 200, [stp.space.largest()], 0
+    for step in range(steps):
+        if step % 10 == 0:
+            elites = sampler.select_elites(elites, (step + 10) / steps, lambda a: -stp.space.macs(a),
+                                           random.Random(step), k=5)
+        archs = sampler.sample(step / steps, random.Random(f"0-{step}"), elites)
+        assert len(archs) == 3
+        assert 0.85 <= stp.space.reduction(archs[0]) <= 0.87, step  # exact FLOPs, not the cached value
+        in_band += sum(sampler.in_band(a) for a in archs)
+    assert in_band / (3 * steps) >= 1 / 3
+
+
+def test_expansion_window_reaches_the_budget_at_reach_and_mutants_stay_inside():
+    model = randomised(create_model("resnet20", num_classes=10))
+    stp = bound_stp(model, torch.randn(2, 3, 32, 32), 0.7, num_subnets=4, expansion_reach=0.3,
+                    expansion_window=0.1)
+    sampler = stp.sampler
+    assert sampler.centre(0.0) == 0.0 and sampler.centre(0.15) == pytest.approx(0.35)
+    assert sampler.centre(0.3) == pytest.approx(0.7) and sampler.centre(0.9) == pytest.approx(0.7)
+    assert sampler.region(0.15) == pytest.approx((0.25, 0.45))
+    rng, outside_unbounded = random.Random(0), 0
+    elites = [stp.pool.sample(rng, 0.25, 0.45) for _ in range(5)]
+    for _ in range(200):
+        parent = rng.choice(elites)
+        child = sampler.mutant_within(parent, 0.25, 0.45, rng)
+        assert child is None or 0.25 <= stp.space.reduction(child) <= 0.45
+        outside_unbounded += not 0.25 <= stp.space.reduction(stp.space.mutate(parent, rng, 0.2)) <= 0.45
+    assert outside_unbounded > 0  # plain mutation does leave the window: the bound is doing work
+    for p in (0.0, 0.1, 0.15, 0.3, 0.6):  # students beyond the first come from the window at p
+        lo, hi = sampler.region(p)
+        for step in range(20):
+            for arch in sampler.sample(p, random.Random(step), elites)[1:]:
+                assert lo - 1e-9 <= stp.space.reduction(arch) <= hi + 1e-9
+    # re-rankings come often enough that the centre moves less than the window's half-width between two
+    total = 1000
+    for p in (0.0, 0.1, 0.29):
+        every = sampler.elite_interval(p, total, 10)
+        assert sampler.centre(p + every / total) - sampler.centre(p) < 0.1
+    assert sampler.elite_interval(0.5, total, 10) == 4 * sampler.elite_interval(0.1, total, 10)
+    # elites are ranked near the centre: a fitness favouring big subnets cannot pull them to 0
+    ranked = sampler.select_elites([stp.space.largest()], 0.15, lambda a: -stp.space.macs(a), rng, k=5)
+    assert ranked and all(abs(stp.space.reduction(a) - 0.35) <= stp.elite_band + 1e-9 for a in ranked)
+
+
+def test_a_budget_with_no_subnet_in_its_band_stops_before_training():
+    model = create_model("resnet20", num_classes=10)
+    stp = StimulativeTraining(budget=0.05, widths=(0.5, 1.0), pool_size=300)
+    with pytest.raises(PruneLabError, match=r"no subnet with a FLOPs reduction in \[0.05, 0.070\]"):
+        stp.check(model, torch.zeros(1, 3, 32, 32))
+
+
+class NoTestSet:
+    """A data module whose test split raises on any access."""
+    num_classes = 3
+
+    def __init__(self, val_set):
+        self.val_set = val_set
+
+    @property
+    def test_set(self):
+        raise AssertionError("the test set was read")
+
+
+def test_search_fitness_reads_a_stratified_held_out_slice_never_the_test_set():
+    model = randomised(create_model("resnet20", num_classes=3)).train()
+    x = torch.randn(60, 3, 32, 32)
+    labels = torch.tensor([0] * 30 + [1] * 20 + [2] * 10)
+    dm = NoTestSet(TensorImageDataset(x, labels))
+    stp = bound_stp(model, x, 0.5, search_images=30, search_population=8, search_generations=2)
+    trainer = SimpleNamespace(datamodule=dm)
+    fitness = stp._fitness(SimpleNamespace(model=model, device=torch.device("cpu")), trainer)
+    stp.evolve(fitness, random.Random(0))
+    held = stp._held_out(trainer)
+    rows = [int(torch.nonzero((x == h).flatten(1).all(1))[0]) for h in held]  # each a val image
+    assert len(set(rows)) == 30
+    assert torch.bincount(labels[rows], minlength=3).tolist() == [15, 10, 5]  # class shares kept
+    assert stratified_indices(dm.val_set, 30, seed=0) == stratified_indices(dm.val_set, 30, seed=0)
+
+
+def test_kept_dropped_ratio_uses_one_fixed_plan_including_removed_blocks():
+    model = randomised(create_model("resnet20", num_classes=10))
+    stp = bound_stp(model, torch.randn(2, 3, 32, 32), 0.5)
+    arch = Arch((2, 3, 3), (0.5, 0.75, 0.5))
+    plan, skipped = stp.space.channel_plan(arch), stp.space.skipped_blocks(arch)
+    start = stp.filter_magnitudes(model)
+    before = stp.kept_dropped(start, plan, skipped)
+    with torch.no_grad():  # double every kept filter: the kept mean doubles, the dropped one stays
+        modules = dict(model.named_modules())
+        for root, members in zip(stp.space.groups.roots, stp.space.groups.members):
+            for name, kind, root_idxs in members:
+                if kind == "out" and name in start and not any(name.startswith(b + ".") for b in skipped):
+                    modules[name].weight[plan[root][root_idxs]] *= 2
+    after = stp.kept_dropped(stp.filter_magnitudes(model), plan, skipped)
+    assert after["kept_mean_abs"] == pytest.approx(2 * before["kept_mean_abs"], rel=1e-5)
+    assert after["dropped_mean_abs"] == pytest.approx(before["dropped_mean_abs"], rel=1e-5)
+    assert stp.kept_dropped(start, plan, skipped) == before  # the snapshot is a copy
+    # every filter of a removed block counts as dropped
+    assert before["dropped_mean_abs"] != stp.kept_dropped(start, plan, [])["dropped_mean_abs"]
 
 
 def test_distillation_gradients_reach_only_the_weights_a_subnet_uses():
@@ -131,14 +248,42 @@ def test_distillation_gradients_reach_only_the_weights_a_subnet_uses():
 
 def test_stp_quickstart_extracts_a_subnet_within_budget(tmp_path, dense_dir):
     results, out = run_fast(tmp_path, dense_dir, "method=stp", "budget=0.5", "method.callbacks.stp.search_population=12",
-                            "method.callbacks.stp.search_generations=3", "method.callbacks.stp.pool_size=300")
+                            "method.callbacks.stp.search_generations=3", "method.callbacks.stp.pool_size=300",
+                            "method.weight_decay=1e-4", "method.search_images=100",
+                            "method.callbacks.stp.elite_updates=3")
     assert abs(results["pruned"]["flops_reduction"] - 0.5) <= 0.02 and results["budget_met"]
     assert results["pruned"]["flops_reduction"] >= 0.5 - 1e-9  # never over the FLOPs budget
     stp = results["stp"]
     assert stp["estimated_flops_reduction"] == pytest.approx(results["pruned"]["flops_reduction"])
-    assert stp["kept_dropped_magnitude"]["ratio"] > 0
-    assert json.loads((out / "search.json").read_text())["arch"] == stp["arch"]
+    assert stp["subnet_counts"]["steps"] == results["train"]["steps"] > 0
+    assert stp["subnet_counts"]["steps_without_band"] == 0  # the budget is trained from the first step
+    assert 0.5 <= stp["budget_band_share"] <= 1 and stp["budget_band"] == [0.5, 0.52]
+    magnitude = stp["kept_dropped_magnitude"]
+    assert magnitude["start"]["ratio"] > 0 and magnitude["end"]["ratio"] > 0
+    assert magnitude["start"]["kept_mean_abs"] != magnitude["end"]["kept_mean_abs"]  # training moved them
+    on_disk = json.loads((out / "search.json").read_text())
+    assert on_disk["arch"] == stp["arch"] and on_disk["kept_dropped_magnitude"] == magnitude
+    assert stp["search_images"] == 100
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert {g["weight_decay"] for g in ckpt["optimizer_states"][0]["param_groups"]} == {1e-4}  # STP's own
     assert results["export"]["max_abs_diff_masked_vs_deployed"] < 1e-4
     x = torch.randn(3, 1, 8, 8)
     program = torch.export.load(str(out / "model.pt2")).module()
     torch.testing.assert_close(program(x), load_model(out)(x), rtol=1e-5, atol=1e-5)
+
+
+def test_stratified_slice_without_stored_labels_reads_equal_shares():
+    labels = torch.arange(90) % 3
+
+    class NoStoredLabels(torch.utils.data.Dataset):
+        def __len__(self):
+            return 90
+
+        def __getitem__(self, i):
+            return torch.zeros(1), int(labels[i])
+
+    picked = stratified_indices(NoStoredLabels(), 30, seed=1, num_classes=3)
+    assert len(set(picked)) == 30 and torch.bincount(labels[picked]).tolist() == [10, 10, 10]
+    with_labels = TensorImageDataset(torch.zeros(90, 1), labels)
+    assert torch.bincount(labels[stratified_indices(torch.utils.data.Subset(with_labels, range(90)), 30)]).tolist() \
+        == [10, 10, 10]

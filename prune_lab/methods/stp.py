@@ -2,16 +2,19 @@
 
 Structured pruning without fine-tuning (METHODS.md §1). The full network trains with
 cross-entropy while sampled subnets (per-stage depth × width, nested slices of it) learn to match
-its outputs (KL, "stimulative training"); dropped weights are never penalised or zeroed. At the
-end a KD-guided evolutionary search picks the subnet under the FLOPs budget whose outputs are
-closest to the full network's; it is extracted (masked here, physically shrunk at export), its BN
+its outputs (KL, "stimulative training"); dropped weights are never penalised or zeroed. Every
+step's first subnet lies in the budget's band (the FLOPs-reduction interval the search picks
+from), so the budget is trained from step 0; the others follow the subnet mutating expansion
+(stp_sampling.py). At the end a KD-guided evolutionary search picks the subnet in the band whose
+outputs are closest to the full network's on a stratified held-out slice of the training data
+(`val_set`, never the test set); it is extracted (masked here, physically shrunk at export), its BN
 statistics re-estimated, and evaluated as is.
 
 Documented choices (not published in code, exposed as knobs): the evolutionary search
-(`search_*`), subnet mutating expansion (`expansion`: sampled region slides from large subnets to
-the budget, elites re-selected by KD fitness every epoch), BN running statistics frozen during
-subnet passes (the released ST code re-estimates them each epoch instead; freezing keeps the full
-network's statistics clean at no cost), and starting from the dense reference (`needs_dense`).
+(`search_*`), subnet mutating expansion (`expansion*`, `elite*`), BN running statistics frozen
+during subnet passes (the released ST code re-estimates them each epoch instead; freezing keeps
+the full network's statistics clean at no cost), and starting from the dense reference
+(`needs_dense`).
 """
 from __future__ import annotations
 
@@ -26,10 +29,14 @@ import torch
 import torch.nn.functional as F
 import torch_pruning as tp
 
+from prune_lab.data.heldout import stratified_slice
 from prune_lab.errors import PruneLabError
+from prune_lab.methods.stp_sampling import ArchPool, SubnetSampler
 from prune_lab.sparsity.calibration import frozen_bn_stats, recalibrate_bn
 from prune_lab.sparsity.structure import solve_flops_target
-from prune_lab.sparsity.subnet import DEFAULT_WIDTHS, Arch, SubnetSpace, find_stages
+from prune_lab.sparsity.subnet import DEFAULT_WIDTHS, Arch, SubnetSpace
+
+__all__ = ["ArchPool", "StimulativeTraining", "subnet_kl"]
 
 log = logging.getLogger("prune_lab")
 
@@ -41,65 +48,87 @@ def subnet_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temper
                     reduction="batchmean") * t * t
 
 
-class ArchPool:
-    """Random architectures binned by FLOPs reduction, with a bin edge at the budget; the smallest
-    and largest subnet always included."""
-
-    def __init__(self, space: SubnetSpace, budget: float, size: int, bins: int, rng: random.Random):
-        archs = {space.smallest(), space.largest()} | {space.random(rng) for _ in range(size)}
-        self.reduction = {a: space.reduction(a) for a in archs}
-        lo, hi = min(self.reduction.values()), max(self.reduction.values())
-        half = max(1, bins // 2)
-        edges = sorted({lo + (budget - lo) * i / half for i in range(half + 1)} |
-                       {budget + (hi - budget) * i / half for i in range(half + 1)})
-        self.bins = [[a for a, r in self.reduction.items() if e0 <= r < e1 or (e1 == edges[-1] and r == e1)]
-                     for e0, e1 in zip(edges[:-1], edges[1:])]
-        self.bins = [sorted(b, key=lambda a: a.genes()) for b in self.bins if b]
-
-    def sample(self, rng: random.Random, lo: float = -1.0, hi: float = 2.0) -> Arch:
-        """A bin uniformly, then an architecture in it; restricted to reductions in [lo, hi]."""
-        bins = [[a for a in b if lo <= self.reduction[a] <= hi] for b in self.bins]
-        bins = [b for b in bins if b] or self.bins
-        return rng.choice(rng.choice(bins))
-
-
 class StimulativeTraining(L.Callback):
     def __init__(self, budget: float, num_subnets: int = 2, temperature: float = 1.0, kd_weight: float = 1.0,
                  distill: bool = True, warmup_epochs: int = 0, widths=DEFAULT_WIDTHS, pool_size: int = 2000,
-                 bins: int = 8, expansion: bool = True, expansion_end: float = 0.75, expansion_window: float = 0.15,
-                 elites: int = 5, search: bool = True, search_population: int = 50, search_generations: int = 20,
-                 search_parents: int = 10, mutation_prob: float = 0.1, search_images: int = 256,
-                 bn_images: int = 2000, tolerance: float = 0.02, seed: int = 0):
+                 bins: int = 8, expansion: bool = True, expansion_reach: float = 0.3, expansion_window: float = 0.1,
+                 elite_band: float = 0.03, elites: int = 5, elite_updates: int = 10, search: bool = True,
+                 search_population: int = 50, search_generations: int = 20, search_parents: int = 10,
+                 mutation_prob: float = 0.1, search_images: int = 512, bn_images: int = 2000,
+                 tolerance: float = 0.02, weight_decay: float | None = None, seed: int = 0):
         if not 0.0 < budget < 1.0:
             raise PruneLabError(f"budget={budget} is outside (0, 1) for stp")
-        self.budget, self.num_subnets, self.temperature, self.kd_weight = float(budget), num_subnets, temperature, kd_weight
+        if int(num_subnets) < 1:
+            raise PruneLabError(f"method.num_subnets={num_subnets} must be >= 1 (the first is always at the budget)")
+        if not 0.0 <= float(expansion_reach) <= 1.0:
+            raise PruneLabError(f"method.expansion_reach={expansion_reach} must be a fraction of training in [0, 1]")
+        if int(search_images) < 1:
+            raise PruneLabError(f"method.search_images={search_images} must be a positive number of held-out images")
+        self.budget, self.num_subnets, self.temperature, self.kd_weight = float(budget), int(num_subnets), temperature, kd_weight
         self.distill, self.warmup_epochs, self.widths = distill, warmup_epochs, tuple(widths)
         self.pool_size, self.bins = pool_size, bins
-        self.expansion, self.expansion_end, self.expansion_window, self.num_elites = \
-            expansion, expansion_end, expansion_window, elites
+        self.expansion, self.expansion_reach, self.expansion_window = expansion, float(expansion_reach), expansion_window
+        self.elite_band, self.num_elites, self.elite_updates = elite_band, elites, elite_updates
         self.search, self.search_population, self.search_generations = search, search_population, search_generations
-        self.search_parents, self.mutation_prob, self.search_images = search_parents, mutation_prob, search_images
+        self.search_parents, self.mutation_prob, self.search_images = search_parents, mutation_prob, int(search_images)
         self.bn_images, self.tolerance, self.seed = bn_images, tolerance, seed
+        # STP's own weight decay (the released ST code: 1e-4) without changing module.optimizer's,
+        # which also trains the dense reference every variant of a study shares
+        self.weight_decay = None if weight_decay is None else float(weight_decay)
         self.ordered = False
         self.channel_scores: list[torch.Tensor] = []
         self.elites: list[Arch] = []
+        self.start_magnitudes: dict[str, torch.Tensor] = {}
+        # sampled subnets: all, in the budget's band, steps that had none in the band
+        self.counts = {"sampled": 0, "in_band": 0, "steps": 0, "steps_without_band": 0}
         self.summary: dict = {}
+        self.pool: ArchPool | None = None
+        self._heldout: torch.Tensor | None = None
+
+    @property
+    def band(self) -> tuple[float, float]:
+        """The FLOPs reductions the search may return; subnets here are trained every step."""
+        return self.budget, self.budget + self.tolerance
 
     # -- set-up -----------------------------------------------------------------------
     def check(self, model, example_input) -> None:
-        """Called by the pipeline before training: a clear error for models without stages."""
-        find_stages(model)
+        """Called by the pipeline before training: models without stages, or a budget whose band
+        holds no architecture of the width grid, stop here with one line."""
+        from prune_lab.models import classifier_of
+
+        space = SubnetSpace(model, example_input, ignored=[classifier_of(model)[1]], widths=self.widths)
+        self.pool = ArchPool(space, self.budget, self.pool_size, self.bins, random.Random(self.seed), self.band)
+        if not self.pool.in_band():
+            raise PruneLabError(f"stp found no subnet with a FLOPs reduction in [{self.band[0]}, {self.band[1]:.3f}] "
+                                f"(budget={self.budget}, method.widths={list(self.widths)}); give finer method.widths "
+                                "or a larger method.callbacks.stp.tolerance")
+
+    def bind(self, model, example_input) -> None:
+        """The subnet space of `model` (the one being trained), its pool and sampler."""
+        from prune_lab.models import classifier_of
+
+        self.space = SubnetSpace(model, example_input, ignored=[classifier_of(model)[1]], widths=self.widths)
+        if self.pool is None:  # reductions depend on shapes only: the pool from check() is reused
+            self.check(model, example_input)
+        self.sampler = SubnetSampler(self.space, self.pool, self.budget, self.tolerance, self.num_subnets,
+                                     self.expansion, self.expansion_reach, self.expansion_window, self.elite_band)
 
     def on_fit_start(self, trainer, pl_module):
-        example = pl_module.example_input
-        self.space = SubnetSpace(pl_module.model, example, ignored=[pl_module.classifier], widths=self.widths)
-        self.pool = ArchPool(self.space, self.budget, self.pool_size, self.bins, random.Random(self.seed))
+        self.bind(pl_module.model, pl_module.example_input)
         if self.ordered:  # resumed: the nesting order comes from the checkpoint
             self.space.order(self.channel_scores)
         if not self.elites:
             self.elites = [self.space.largest()]
+        if not self.start_magnitudes:  # resumed: the snapshot comes from the checkpoint
+            self.start_magnitudes = self.filter_magnitudes(pl_module.model)
         if self.distill:
             pl_module.loss_terms.append(self._subnet_loss)
+
+    def on_train_start(self, trainer, pl_module):
+        if self.weight_decay is not None:
+            for optimizer in trainer.optimizers:
+                for group in optimizer.param_groups:
+                    group["weight_decay"] = self.weight_decay
 
     def on_train_epoch_start(self, trainer, pl_module):
         if not self.ordered and trainer.current_epoch >= self.warmup_epochs:
@@ -112,54 +141,59 @@ class StimulativeTraining(L.Callback):
         self.ordered = True
 
     # -- stimulative training -----------------------------------------------------------
-    def _region(self, trainer) -> tuple[float, float]:
-        """Reductions the sampler draws from now: everything, or with mutating expansion a window
-        sliding from the full network (0) to the budget by `expansion_end` of training."""
-        if not self.expansion:
-            return -1.0, 2.0
-        progress = trainer.global_step / max(1, trainer.estimated_stepping_batches)
-        centre = self.budget * min(1.0, progress / self.expansion_end)
-        return centre - self.expansion_window, centre + self.expansion_window
-
-    def _sample(self, trainer, rng: random.Random) -> Arch:
-        lo, hi = self._region(trainer)
-        if self.expansion and self.elites and rng.random() < 0.5:
-            for _ in range(20):
-                arch = self.space.mutate(rng.choice(self.elites), rng, prob=max(self.mutation_prob, 0.2))
-                if self.pool.reduction.get(arch, self.space.reduction(arch)) <= hi:
-                    return arch
-        return self.pool.sample(rng, lo, hi)
+    @staticmethod
+    def _progress(trainer) -> float:
+        return trainer.global_step / max(1, trainer.estimated_stepping_batches)
 
     def _subnet_loss(self, pl_module, batch, logits):
         if not self.ordered or not pl_module.training:
             return logits.new_zeros(())
         trainer = pl_module.trainer
         rng = random.Random(f"{self.seed}-{trainer.global_step}")  # identical on every DDP rank
+        archs = self.sampler.sample(self._progress(trainer), rng, self.elites)
+        in_band = sum(self.sampler.in_band(a) for a in archs)
+        self.counts["sampled"] += len(archs)
+        self.counts["in_band"] += in_band
+        self.counts["steps"] += 1
+        self.counts["steps_without_band"] += int(in_band == 0)
         x, _ = batch
         teacher = logits.detach()
         loss = logits.new_zeros(())
         with frozen_bn_stats(pl_module.model):
-            for _ in range(self.num_subnets):
-                with self.space.activate(self._sample(trainer, rng)):
+            for arch in archs:
+                with self.space.activate(arch):
                     loss = loss + subnet_kl(pl_module.model(x), teacher, self.temperature)
         pl_module.log("train/subnet_kl", loss, on_step=False, on_epoch=True, sync_dist=True)
+        pl_module.log("train/budget_band_share", in_band / len(archs), on_step=False, on_epoch=True, sync_dist=True)
         return self.kd_weight * loss
 
-    def on_train_epoch_end(self, trainer, pl_module):
-        if self.expansion and self.ordered:
-            rng = random.Random(f"{self.seed}-elites-{trainer.current_epoch}")
-            lo, hi = self._region(trainer)
-            candidates = set(self.elites) | {self.space.mutate(rng.choice(self.elites), rng, 0.3) for _ in range(10)}
-            candidates |= {self.pool.sample(rng, lo, hi) for _ in range(10)}
-            inside = [a for a in candidates if lo <= self.space.reduction(a) <= hi] or list(candidates)
-            fitness = self._fitness(pl_module, trainer)
-            self.elites = sorted(inside, key=fitness)[:self.num_elites]
+    def band_share(self) -> float | None:
+        return self.counts["in_band"] / self.counts["sampled"] if self.counts["sampled"] else None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        """Re-rank the elites `elite_updates` times while the window slides (rarer after), near the
+        centre the window has halfway to the next re-ranking."""
+        if not (self.expansion and self.ordered and self.distill):
+            return
+        total, step = max(1, int(trainer.estimated_stepping_batches)), trainer.global_step
+        every = self.sampler.elite_interval(step / total, total, self.elite_updates)
+        if step % every:
+            return
+        upcoming = (step + every / 2) / total
+        rng = random.Random(f"{self.seed}-elites-{step}")
+        self.elites = self.sampler.select_elites(self.elites, upcoming, self._fitness(pl_module, trainer), rng,
+                                                 self.num_elites)
 
     # -- KD-guided search ---------------------------------------------------------------
     def _held_out(self, trainer) -> torch.Tensor:
-        val = trainer.datamodule.val_set
-        n = min(self.search_images, len(val))
-        return torch.stack([val[i][0] for i in range(n)])
+        """A fixed stratified slice of `search_images` held-out training images (the data
+        module's `val_set`, carved from the training data); the test set is never read."""
+        if self._heldout is None:
+            dm = trainer.datamodule
+            part = stratified_slice(dm.val_set, self.search_images, seed=self.seed,
+                                    num_classes=getattr(dm, "num_classes", None))
+            self._heldout = torch.stack([part[i][0] for i in range(len(part))])
+        return self._heldout
 
     def _fitness(self, pl_module, trainer):
         """KL of a subnet's outputs to the full network's on held-out training images (lower is
@@ -182,14 +216,15 @@ class StimulativeTraining(L.Callback):
         return fitness
 
     def _feasible(self, arch: Arch) -> bool:
-        r = self.space.reduction(arch)
-        return self.budget <= r <= self.budget + self.tolerance
+        if arch not in self.pool.reduction:
+            self.pool.reduction[arch] = self.space.reduction(arch)  # a cache: the pool's bins stay as drawn
+        return self.band[0] <= self.pool.reduction[arch] <= self.band[1]
 
     def evolve(self, fitness, rng: random.Random) -> tuple[Arch, list[float]]:
         """Evolutionary search under the FLOPs budget: never returns an architecture whose FLOPs
         reduction is below the budget (or more than `tolerance` above it)."""
         population = {a for a in self.elites if self._feasible(a)}
-        population |= {a for a in self.pool.reduction if self._feasible(a)}
+        population |= set(self.pool.in_band())
         for _ in range(20000):
             if len(population) >= self.search_population:
                 break
@@ -234,34 +269,57 @@ class StimulativeTraining(L.Callback):
         else:
             plan, skipped, described, kd = self._uniform_width(), [], "uniform width, full depth", float("nan")
         search_s = time.time() - t0
+        end = self.filter_magnitudes(pl_module.model)
+        relative = {"start": self.kept_dropped(self.start_magnitudes, plan, skipped),
+                    "end": self.kept_dropped(end, plan, skipped)}
         self.summary = {"arch": described, "estimated_flops_reduction":
                         1 - self.space.flops.macs(plan, skip=skipped) / self.space.dense_macs,
                         "kd_fitness": kd, "search_s": search_s, "fitness_history": history,
-                        "kept_dropped_magnitude": self.magnitude_ratio(pl_module, plan),
-                        "distill": self.distill, "search": self.search, "expansion": self.expansion}
+                        "budget_band": list(self.band), "budget_band_share": self.band_share(),
+                        "subnet_counts": dict(self.counts), "search_images": int(len(self._heldout))
+                        if self._heldout is not None else 0,
+                        "kept_dropped_magnitude": relative,
+                        "distill": self.distill, "search": self.search, "expansion": self.expansion,
+                        "expansion_reach": self.expansion_reach}
         self._extract(trainer, pl_module, plan, skipped)
         if trainer.is_global_zero:
             out = Path(trainer.default_root_dir)
             out.mkdir(parents=True, exist_ok=True)
             (out / "search.json").write_text(json.dumps(self.summary, indent=2))
-        log.info("stp: subnet %s, FLOPs reduction %.3f, KD fitness %.4f, search %.1f s", described,
-                 self.summary["estimated_flops_reduction"], kd, search_s)
+        share = self.band_share()
+        log.info("stp: subnet %s, FLOPs reduction %.3f, KD fitness %.4f, search %.1f s, subnets in the budget's "
+                 "band %s, kept/dropped mean |w| %.3f at the start, %.3f at the end", described,
+                 self.summary["estimated_flops_reduction"], kd, search_s, "-" if share is None else f"{share:.1%}",
+                 relative["start"]["ratio"], relative["end"]["ratio"])
 
     @torch.no_grad()
-    def magnitude_ratio(self, pl_module, plan: dict[str, torch.Tensor]) -> dict:
-        """Mean |w| of the filters the subnet keeps vs those it drops (width only): the 'relative
-        sparsity effect' — large when training made dropped weights relatively small."""
-        modules = dict(pl_module.model.named_modules())
+    def filter_magnitudes(self, model) -> dict[str, torch.Tensor]:
+        """Mean |w| of every output filter of the convs and linears that produce grouped channels."""
+        modules = dict(model.named_modules())
+        out = {}
+        for members in self.space.groups.members:
+            for name, kind, _ in members:
+                m = modules[name]
+                if kind == "out" and isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and name not in out:
+                    out[name] = m.weight.detach().abs().flatten(1).mean(1).float().cpu()
+        return out
+
+    def kept_dropped(self, magnitudes: dict[str, torch.Tensor], plan: dict[str, torch.Tensor],
+                     skipped: list[str]) -> dict:
+        """Mean |w| of the filters one fixed plan keeps vs those it drops (channels cut by the
+        width, and every filter of a removed block): the paper's "relative sparsity effect"."""
         kept, dropped = [], []
         for root, members in zip(self.space.groups.roots, self.space.groups.members):
-            keep = plan[root]
+            keep = plan[root].cpu()
             for name, kind, root_idxs in members:
-                m = modules[name]
-                if kind != "out" or not isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+                if name not in magnitudes or kind != "out":
                     continue
-                w = m.weight.detach().abs().flatten(1).mean(1)
-                kept.append(w[keep[root_idxs]])
-                dropped.append(w[~keep[root_idxs]])
+                w = magnitudes[name]
+                k = keep[root_idxs].clone()
+                if any(name.startswith(b + ".") for b in skipped):
+                    k[:] = False
+                kept.append(w[k])
+                dropped.append(w[~k])
         k, d = torch.cat(kept), torch.cat(dropped)
         km, dm = float(k.mean()), (float(d.mean()) if d.numel() else float("nan"))
         return {"kept_mean_abs": km, "dropped_mean_abs": dm, "ratio": km / dm if d.numel() else float("nan")}
@@ -300,9 +358,12 @@ class StimulativeTraining(L.Callback):
 
     def state_dict(self):
         return {"ordered": self.ordered, "channel_scores": self.channel_scores,
-                "elites": [a.as_dict() for a in self.elites]}
+                "elites": [a.as_dict() for a in self.elites], "start_magnitudes": self.start_magnitudes,
+                "counts": dict(self.counts)}
 
     def load_state_dict(self, state):
         self.ordered = bool(state["ordered"])
         self.channel_scores = list(state["channel_scores"])
         self.elites = [Arch(tuple(a["depths"]), tuple(a["widths"])) for a in state["elites"]]
+        self.start_magnitudes = dict(state.get("start_magnitudes", {}))
+        self.counts.update(state.get("counts", {}))
