@@ -47,7 +47,12 @@ def test_dense_stem_keeps_the_first_layer_dense_and_the_budget_exact(distributio
     total = sum(masks[n].numel() for n in masks.prunable)
     kept = sum(int(masks[n].sum()) for n in masks.prunable)
     assert abs((1 - kept / total) - 0.9) < 1e-4  # the rest carries the stem's share
-    assert all(not bool(masks[n].all()) for n in masks.prunable[1:])
+    if distribution == "uniform":  # ERK may cap small layers, this stem included, at dense on its own
+        assert all(not bool(masks[n].all()) for n in masks.prunable[1:])
+        without = MaskUpdate(0.9, distribution=distribution, importance=Random(seed=0), schedule=OneShot())
+        module.masks = MaskSet(model)
+        without.update(module, None, 0.9)
+        assert not bool(module.masks[stem].all())  # what dense_stem changes: the stem would be pruned
 
 
 @pytest.mark.parametrize("extra", [[], ["data.batch_size=100", "epochs=3"], ["+trainer.max_steps=20"]])
