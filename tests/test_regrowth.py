@@ -360,8 +360,9 @@ class Snapshots(L.Callback):
         self.bn[trainer.global_step] = self._bn(pl_module)
 
     def on_validation_start(self, trainer, pl_module):
-        self.val[trainer.global_step] = {"bn": self._bn(pl_module), "phase": self.policy.phase(
-            trainer.global_step - 1, STEPS), "params": {n: p.detach().clone() for n, p in pl_module.model.named_parameters()}}
+        params = {n: p.detach().clone() for n, p in pl_module.model.named_parameters()}
+        phase = self.policy.phase(trainer.global_step - 1, STEPS)
+        self.val[trainer.global_step] = {"bn": self._bn(pl_module), "phase": phase, "params": params}
 
 
 def test_iee_exploration_leaves_bn_statistics_and_validation_scores_the_masked_network():

@@ -81,8 +81,9 @@ class IEE(RegrowthPolicy):
         if criterion not in allowed:
             raise PruneLabError(f"IEE criterion={criterion!r} is not available for target={target}; "
                                 f"choose one of: {', '.join(allowed)}")
-        for key, value, options in (("grow_init", grow_init, self.GROW_INIT), ("grow_values", grow_values,
-                                                                                self.GROW_VALUES), ("mru", mru, self.MRU)):
+        choices = (("grow_init", grow_init, self.GROW_INIT), ("grow_values", grow_values, self.GROW_VALUES),
+                   ("mru", mru, self.MRU))
+        for key, value, options in choices:
             if value not in options:
                 raise PruneLabError(f"IEE {key}={value!r} is not one of: {', '.join(options)}")
         self.lengths = {}
