@@ -89,6 +89,40 @@ def check_structured(cfg, model, example) -> None:
                             "prunable channel groups; use an unstructured method (magnitude, gmp, random)")
 
 
+def planned_steps(cfg: DictConfig, dm) -> int:
+    """Optimizer steps the method's fit will take, from the trainer and data configs (what
+    Lightning's `estimated_stepping_batches` will say), for checks before anything runs."""
+    trainer = cfg.trainer
+    devices = trainer.get("devices", 1)
+    world = (int(devices) if str(devices).isdigit() else 1) * int(trainer.get("num_nodes", 1) or 1)
+    if dm.train_set is None:
+        if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+            dm.prepare_data()
+        dm.setup("fit")
+    per_rank = -(-len(dm.train_set) // world)  # DistributedSampler pads to equal shards
+    per_device = dm.per_device_batch_size(world)
+    drop_last = per_rank > per_device and per_rank % per_device == 1  # as the train loader decides
+    batches = per_rank // per_device if drop_last else -(-per_rank // per_device)
+    limit = trainer.get("limit_train_batches")
+    if limit is not None:
+        batches = min(batches, int(limit)) if isinstance(limit, int) and not isinstance(limit, bool) \
+            else int(batches * float(limit))
+    steps = batches * int(trainer.max_epochs) // int(trainer.get("accumulate_grad_batches", 1) or 1)
+    max_steps = int(trainer.get("max_steps", -1) or -1)
+    return max(min(steps, max_steps) if max_steps > 0 else steps, 1)
+
+
+def merge_reports(results: dict, reports: list[dict]) -> None:
+    """Callbacks' records into results.json: new keys are added; a dict under an existing key
+    (e.g. `train`) is merged into it, later reports overriding earlier ones key by key."""
+    for rep in reports:
+        for key, value in rep.items():
+            if isinstance(value, dict) and isinstance(results.get(key), dict):
+                results[key].update(value)
+            else:
+                results[key] = value
+
+
 # -- the dense reference ----------------------------------------------------------------
 def dense_key(cfg: DictConfig) -> str:
     """Identifies a dense model: architecture, data, recipe and seed (not paths or workers)."""
@@ -235,6 +269,11 @@ def run(cfg: DictConfig) -> dict:
     for cb in callbacks:  # method-specific requirements on the model, before anything is written
         if hasattr(cb, "check"):
             cb.check(model, example)
+    if cfg.method.get("train", True) and any(hasattr(cb, "check_steps") for cb in callbacks):
+        total = planned_steps(cfg, dm)  # schedules that depend on the run length
+        for cb in callbacks:
+            if hasattr(cb, "check_steps"):
+                cb.check_steps(total)
     # steps a method takes once before training, or instead of it (train: false): one-shot pruning,
     # BN re-estimation, layer-wise reconstruction; each is called as step(module, datamodule, trainer)
     prepare = [build(s) for s in (cfg.method.get("prepare") or {}).values()]
@@ -310,9 +349,9 @@ def run(cfg: DictConfig) -> dict:
                 "lightning": L.__version__,
                 "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"},
     }
-    for cb in callbacks:  # method-specific records (search results, ...) under their own keys
-        if hasattr(cb, "report"):
-            results.update(cb.report())
+    # records of the run's callbacks (training cost), then the method's (search results, its own
+    # cost accounting, ...): under their own keys, or merged into `train`
+    merge_reports(results, [cb.report() for cb in run_callbacks + callbacks if callable(getattr(cb, "report", None))])
     report.plot_layers(layers, out_dir / "layers.png",
                        f"{cfg.method.name} {cfg.model.name}/{dm.name} budget={cfg.budget} ({cfg.method.target})")
     publish(loggers, results, out_dir)

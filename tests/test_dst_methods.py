@@ -22,6 +22,20 @@ PHASES = ["method.estimate_steps=3", "method.improve_steps=3", "method.explore_s
 DST = {"static_erk": [], "set": STEPS, "rigl": STEPS, "iee": PHASES, "iee_channels": PHASES}
 
 
+def layer_macs_by_hook(model, x) -> dict[str, int]:
+    """Independent count: weight entries × output positions of every conv/linear layer."""
+    out, hooks = {}, []
+    for name, m in model.named_modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+            hooks.append(m.register_forward_hook(
+                lambda mod, i, o, name=name: out.__setitem__(f"{name}.weight", mod.weight.numel() * o[0, 0].numel())))
+    model.eval()
+    model(x)
+    for h in hooks:
+        h.remove()
+    return out
+
+
 def regrowth_state(ckpt_path):
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     states = [v for k, v in ckpt["callbacks"].items() if k.startswith("Regrowth")]
@@ -45,6 +59,29 @@ def test_dst_method_writes_a_complete_run_at_the_budget(method, tmp_path, dense_
         assert abs(zero_fraction(state) - budget) <= 0.005
         assert on_disk["pruned"]["params"] == on_disk["dense"]["params"]
     assert on_disk["pruned"]["top1"] > 0.3  # trained from scratch for 2 epochs: well above chance (0.1)
+    if method != "iee_channels":  # RigL's first-layer handling: the stem stays dense, the budget still holds
+        stem = next(k for k, v in state.items() if v.dim() == 4)
+        assert int(state[stem].count_nonzero()) == state[stem].numel() and on_disk["dense_layers"] == [stem]
+    # training cost, recounted: forward d·MACs + backward 2·d·MACs per step; RigL adds the dense
+    # weight gradient (1 - d)·MACs at each of its 4 updates; IEE's explorations add more still
+    model = load_model(out)
+    layer = layer_macs_by_hook(model, x[:1])
+    density = {n: float(state[n].count_nonzero()) / state[n].numel() for n in layer}
+    dense_step, steps = 3 * sum(layer.values()), on_disk["train"]["steps"]
+    static = sum(m * density[n] for n, m in layer.items()) / sum(layer.values())
+    if method == "iee_channels":  # the deployed model is physically smaller: its MACs relative to dense
+        static = on_disk["pruned"]["flops"] / on_disk["dense"]["flops"]
+    ratio = on_disk["train"]["flops_ratio"]
+    if method in ("static_erk", "set"):  # SET grows at random: no dense gradient
+        assert ratio == pytest.approx(static, rel=1e-6)
+    elif method == "rigl":
+        extra = 4 * sum(m * (1 - density[n]) for n, m in layer.items())
+        assert ratio == pytest.approx((steps * static * dense_step + extra) / (steps * dense_step), rel=1e-6)
+    else:
+        assert static + 0.02 < ratio < 1  # dense forward and backward through the exploration space
+    if method in ("set", "rigl", "iee", "iee_channels"):
+        updates = on_disk["train"]["active_updates"]
+        assert 0 < updates < steps  # regrown weights missed the steps before their growth; IEE's Θ_K the explorations
     _, regrow = regrowth_state(out / "checkpoints/last.ckpt")
     if method == "static_erk":
         assert regrow is None
@@ -98,7 +135,12 @@ BAD = [
     (["method=rigl", "method.drop_fraction=1.5"], ["init=1.5", "(0, 1]"]),
     (["method=rigl", "method.every=0"], ["every=0"]),
     (["method=iee_channels", "method.distribution=erk"], ["erk", "uniform", "global"]),
-    (["method=iee"], ["450 steps", "34 steps", "method.estimate_steps"]),  # paper's H=J=Q=150 in a 34-step run
+    (["method=iee", *phases(150)], ["450 steps", "34 steps", "method.estimate_steps"]),  # the paper's H=J=Q=150
+    (["method=iee"], ["method.cycles=10", "34 steps"]),  # 10 cycles of >= 3 steps need 30 steps before 75 %
+    (["method=iee", "method.estimate_steps=0.1"], ["estimate_steps", "improve_steps", "none"]),
+    (["method=iee", "method.pattern=2:4"], ["pattern=2:4", "budget=0.9", "0.5"]),
+    (["method=sr_ste"], ["pattern=2:4", "budget=0.9", "0.5"]),
+    (["method=magnitude", "method.pattern=2-4"], ["2-4", "N:M"]),
 ]
 
 
@@ -109,6 +151,7 @@ def test_bad_values_name_the_value_and_the_accepted_ones(args, words, tmp_path, 
         run(cfg)
     msg = str(e.value)
     assert "\n" not in msg and all(w in msg for w in words), msg
+    assert not (tmp_path / "run").exists()  # refused before anything was written or trained
 
 
 def ddp_overrides() -> list[str]:

@@ -21,6 +21,7 @@ from prune_lab.errors import PruneLabError
 from prune_lab.sparsity import (ChannelGroups, FlopsModel, MaskSet, OneShot, build_importance, masks_from_scores,
                                 shrink, solve_flops_target)
 from prune_lab.sparsity.allocation import DISTRIBUTIONS
+from prune_lab.sparsity.nm import NMPattern, nm_masks, unfit_layers
 
 
 class MaskUpdate(L.Callback):
@@ -36,10 +37,16 @@ class MaskUpdate(L.Callback):
         tolerance: structured only: allowed |achieved − budget| of the FLOPs reduction.
         shrink_at_start: structured one-shot only: prune at fit start and train the physically
             shrunk model instead of a masked full-size one.
+        pattern: unstructured only: "N:M" keeps the N best of every M consecutive weights along
+            each layer's input dimension (`prune_lab.sparsity.nm`) instead of an allocation; the
+            budget must then be 1 - N/M. Layers whose input dimension M does not divide stay dense.
+        dense_stem: unstructured only: keep the first conv/linear layer dense, as RigL's paper
+            does; the other layers are pruned harder so the global sparsity is still the budget.
     """
 
     def __init__(self, budget: float, target: str = "params", importance="magnitude", distribution: str = "uniform",
-                 schedule=None, round_to: int = 1, tolerance: float = 0.02, shrink_at_start: bool = False):
+                 schedule=None, round_to: int = 1, tolerance: float = 0.02, shrink_at_start: bool = False,
+                 pattern: str | None = None, dense_stem: bool = False):
         if target not in ("params", "flops"):
             raise PruneLabError(f"unknown target '{target}'; choose one of: params, flops")
         allowed = DISTRIBUTIONS if target == "params" else ("uniform", "global")
@@ -55,6 +62,19 @@ class MaskUpdate(L.Callback):
             raise PruneLabError("shrink_at_start needs structured pruning (target: flops) with a one-shot "
                                 "schedule at the start (OneShot(at=0))")
         self.shrink_at_start = shrink_at_start
+        self.pattern = NMPattern.parse(pattern)
+        if self.pattern is not None:
+            if target != "params":
+                raise PruneLabError(f"method.pattern={pattern} needs target=params (N:M is a weight pattern), "
+                                    f"not target={target}")
+            if abs(self.budget - self.pattern.sparsity) > 1e-6:
+                raise PruneLabError(f"method.pattern={pattern} fixes the sparsity at {self.pattern.sparsity:g}; "
+                                    f"budget={budget} must be {self.pattern.sparsity:g}")
+        if dense_stem and target != "params":
+            raise PruneLabError("method.dense_stem=true needs target=params; channel pruning keeps the stem's "
+                                "input anyway")
+        self.dense_stem = bool(dense_stem)
+        self.dense_layers: list[str] = []  # what the pattern or dense_stem left dense, for results.json
 
     @property
     def structured(self) -> bool:
@@ -80,10 +100,11 @@ class MaskUpdate(L.Callback):
         pl_module.masks.apply()
 
     def state_dict(self):
-        return {"last_update_step": self.last_update_step}
+        return {"last_update_step": self.last_update_step, "dense_layers": list(self.dense_layers)}
 
     def load_state_dict(self, state):
         self.last_update_step = int(state["last_update_step"])
+        self.dense_layers = list(state.get("dense_layers", []))
 
     # -- the update itself ----------------------------------------------------------------
     def update(self, pl_module, batch, sparsity: float) -> None:
@@ -98,12 +119,36 @@ class MaskUpdate(L.Callback):
             scores = self.importance.weight_scores(params)
             # pruned weights stay pruned: their score is below every live weight
             scores = {n: torch.where(masks[n], s, torch.full_like(s, -1.0)) for n, s in scores.items()}
-            for n, keep in masks_from_scores(scores, sparsity, self.distribution).items():
+            for n, keep in self._unstructured_masks(scores, sparsity).items():
                 masks.set(n, keep)
         if self.importance.needs_grad:
             model.zero_grad(set_to_none=True)
         masks.broadcast(src=0)
         masks.apply()
+
+    def _unstructured_masks(self, scores: dict[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:
+        if self.pattern is not None:  # the pattern at full strength (one-shot), or nothing yet
+            if sparsity < self.pattern.sparsity:
+                return {n: torch.ones_like(s, dtype=torch.bool) for n, s in scores.items()}
+            self.dense_layers = unfit_layers(scores, self.pattern)
+            return nm_masks(scores, self.pattern)
+        if not self.dense_stem:
+            return masks_from_scores(scores, sparsity, self.distribution)
+        stem = next(iter(scores))  # prunable weights are in module order: the first is the stem
+        rest = {n: s for n, s in scores.items() if n != stem}
+        total, remaining = sum(s.numel() for s in scores.values()), sum(s.numel() for s in rest.values())
+        harder = sparsity * total / max(remaining, 1)  # the rest carries the stem's share of the budget
+        if harder >= 1.0:
+            raise PruneLabError(f"method.dense_stem=true: the stem {stem} holds too many weights to reach sparsity "
+                                f"{sparsity:g} with it dense; use method.dense_stem=false")
+        self.dense_layers = [stem]
+        return {stem: torch.ones_like(scores[stem], dtype=torch.bool), **masks_from_scores(rest, harder,
+                                                                                           self.distribution)}
+
+    def report(self) -> dict:
+        if self.pattern is not None:
+            return {"pattern": {"n": self.pattern.n, "m": self.pattern.m, "dense_layers": list(self.dense_layers)}}
+        return {"dense_layers": list(self.dense_layers)} if self.dense_stem else {}
 
     def prune_and_shrink(self, trainer, pl_module) -> None:
         """One-shot structured pruning to the budget, then swap in the physically shrunk model."""

@@ -8,6 +8,13 @@ the same masks (a diverged rank would silently train a different network).
 
 It moves units; it does not create the initial masks or enforce them between updates: methods
 pair it with a `MaskUpdate` (one-shot at step 0), which does both.
+
+It also records what the training cost (`report()`, merged into results.json's `train`):
+`flops_ratio`, the conv/linear MACs executed relative to dense training of the same number of
+steps as RigL's paper counts them (`prune_lab.sparsity.cost`; the policy says which steps need
+dense weight gradients or train only part of the network), and `active_updates`, the mean number
+of optimizer updates that the weights active at the end received (a weight regrown late has
+had fewer; frozen weights receive none).
 """
 from __future__ import annotations
 
@@ -19,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from prune_lab.errors import PruneLabError
+from prune_lab.sparsity.cost import TrainingCost, mask_densities, weight_macs
 from prune_lab.sparsity.regrowth import RegrowthPolicy
 
 log = logging.getLogger("prune_lab")
@@ -44,17 +52,38 @@ class Regrowth(L.Callback):
         self.policy = policy
         self.step = 0
         self.rank_checks = 0
+        self.cost: TrainingCost | None = None
+        self.updates: dict[str, torch.Tensor] | None = None  # optimizer updates per prunable weight entry
+        self._resumed: dict | None = None
+
+    def check_steps(self, total_steps: int) -> None:
+        """Before anything runs: refuse a schedule that cannot work in `total_steps` steps."""
+        self.policy.check_steps(total_steps)
 
     def on_fit_start(self, trainer, pl_module):
         if trainer.accumulate_grad_batches != 1:
             raise PruneLabError(f"trainer.accumulate_grad_batches={trainer.accumulate_grad_batches} is not supported "
                                 "by regrowth methods; use 1")
         self.policy.bind(pl_module.model, pl_module.masks, pl_module.example_input, pl_module.classifier)
+        self.cost = TrainingCost(weight_macs(pl_module.model, pl_module.example_input))
+        params = dict(pl_module.model.named_parameters())
+        self.updates = {n: torch.zeros(params[n].shape, dtype=torch.int32, device=params[n].device)
+                        for n in pl_module.masks.prunable}
+        if self._resumed is not None:
+            self.cost.load_state_dict(self._resumed["cost"])
+            for n, v in self._resumed["updates"].items():
+                self.updates[n].copy_(v)
+            self._resumed = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.step = trainer.global_step
         if self.policy.before_forward(self.step, self._total(trainer), trainer.optimizers):
             self._check_ranks(pl_module)
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        # the forward pass ran with the masks as they are now (before any after_backward update)
+        forward = mask_densities(pl_module.masks, self.cost.macs)
+        self.cost.add_step(forward, self.policy.weight_grad_density(self.step, self._total(trainer), forward))
 
     def on_after_backward(self, trainer, pl_module):
         if self.policy.after_backward(self.step, self._total(trainer), trainer.optimizers):
@@ -66,6 +95,25 @@ class Regrowth(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         for opt in trainer.optimizers:
             self.policy.after_optimizer_step(self.step, opt)
+        trained = self.policy.updated_masks(self.step, self._total(trainer)) or {}
+        masks = pl_module.masks
+        for n, count in self.updates.items():
+            count.add_(trained[n].to(count.device) if n in trained else masks[n])
+
+    def on_validation_start(self, trainer, pl_module):
+        self.policy.before_eval()
+
+    def on_validation_end(self, trainer, pl_module):
+        self.policy.after_eval()
+
+    def report(self) -> dict:
+        if self.cost is None or self.updates is None:
+            return {}
+        # the final active weights: the masks' True entries (IEE and RigL end with a fixed mask)
+        masks = self.policy.masks
+        received = sum(int((c * masks[n].to(c.device)).sum()) for n, c in self.updates.items())
+        active = sum(int(masks[n].sum()) for n in self.updates)
+        return {"train": {"flops_ratio": self.cost.ratio, "active_updates": received / max(active, 1)}}
 
     def on_train_end(self, trainer, pl_module):
         if self.rank_checks:
@@ -73,11 +121,15 @@ class Regrowth(L.Callback):
                      trainer.world_size, self.rank_checks)
 
     def state_dict(self):
-        return {"policy": self.policy.state_dict(), "rank_checks": self.rank_checks}
+        return {"policy": self.policy.state_dict(), "rank_checks": self.rank_checks,
+                "cost": None if self.cost is None else self.cost.state_dict(),
+                "updates": None if self.updates is None else {n: v.cpu() for n, v in self.updates.items()}}
 
     def load_state_dict(self, state):
         self.policy.load_state_dict(state["policy"])
         self.rank_checks = int(state["rank_checks"])
+        if state.get("cost") is not None:
+            self._resumed = {"cost": state["cost"], "updates": state["updates"]}
 
     @staticmethod
     def _total(trainer) -> int:

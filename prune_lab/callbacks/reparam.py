@@ -24,6 +24,12 @@ How: the dense weights are swapped out around the forward/backward pass (stash �
 backward → restore W → add decay → optimizer step on W). Validation sees the sparse model.
 `dynamic=False` keeps the starting masks fixed instead (pruned weights held at zero, their
 gradients masked): the "fixed masks" ablation.
+
+With `pattern` "N:M" (SR-STE's own setting, `conf/method/sr_ste.yaml`), the mask recomputed every
+step keeps the N largest |w| of every M consecutive weights along each layer's input dimension
+instead of a per-layer count (layers the pattern does not fit stay dense; results.json lists
+them). Training cost (`report`): forward and input gradient at the masks' density, the weight
+gradient dense every step (straight-through), as RigL's accounting counts it.
 """
 from __future__ import annotations
 
@@ -34,6 +40,8 @@ import torch
 
 from prune_lab.errors import PruneLabError
 from prune_lab.sparsity import exact_counts, masks_from_counts
+from prune_lab.sparsity.cost import TrainingCost, mask_densities, weight_macs
+from prune_lab.sparsity.nm import NMPattern, nm_masks, unfit_layers
 from prune_lab.sparsity.reparam import DEFAULT_STEP_SHARE, expand_layers, merge_layers
 
 log = logging.getLogger("prune_lab")
@@ -118,15 +126,22 @@ class DynamicSparsity(L.Callback):
         dynamic: recompute masks from |w| every step (STE + SR-STE); False: fixed masks.
         decay: SR-STE λ on pruned weights (5e-5 in UniPTS).
         budget: used only when training starts without masks: uniform per-layer sparsity.
+        pattern: "N:M": masks hold N of every M weights along the input dimension (budget 1 - N/M).
     """
 
-    def __init__(self, dynamic: bool = True, decay: float = 5e-5, budget: float | None = None):
+    def __init__(self, dynamic: bool = True, decay: float = 5e-5, budget: float | None = None,
+                 pattern: str | None = None):
         if not isinstance(dynamic, bool):
             raise PruneLabError(f"method.dst={dynamic!r} is not a boolean; choose one of: true, false")
         if float(decay) < 0:
             raise PruneLabError(f"SR-STE decay={decay} must be >= 0")
+        self.pattern = NMPattern.parse(pattern)
+        if self.pattern is not None and budget is not None and abs(float(budget) - self.pattern.sparsity) > 1e-6:
+            raise PruneLabError(f"method.pattern={pattern} fixes the sparsity at {self.pattern.sparsity:g}; "
+                                f"budget={budget} must be {self.pattern.sparsity:g}")
         self.dynamic, self.decay, self.budget = dynamic, float(decay), budget
         self.pruned: dict[str, int] = {}
+        self.flops_ratio: float | None = None
         self._dense: dict[str, torch.Tensor] | None = None  # the dense weights while W⊙M is swapped in
 
     def state_dict(self):
@@ -142,6 +157,12 @@ class DynamicSparsity(L.Callback):
     def on_train_start(self, trainer, pl_module):
         masks = pl_module.masks
         masks.broadcast(src=0)
+        if self.pattern is not None:
+            if not self.dynamic and not masks.active:
+                for n, keep in self._masks(pl_module).items():
+                    masks.set(n, keep)
+                masks.apply()
+            return
         if self.pruned:  # resumed
             return
         weights = self._weights(pl_module)
@@ -162,13 +183,19 @@ class DynamicSparsity(L.Callback):
             masks.apply()
 
     # -- STE: sparse forward/backward, dense update ------------------------------------------
+    def _masks(self, pl_module) -> dict[str, torch.Tensor]:
+        """Top |w|: N of every M (pattern) or each layer's count."""
+        scores = {n: w.detach().abs() for n, w in self._weights(pl_module).items()}
+        if self.pattern is not None:
+            return nm_masks(scores, self.pattern)
+        return masks_from_counts(scores, self.pruned)
+
     @torch.no_grad()
     def _swap_in_sparse(self, pl_module) -> None:
         if self._dense is not None:  # already sparse (gradient accumulation)
             return
         weights = self._weights(pl_module)
-        scores = {n: w.abs() for n, w in weights.items()}
-        for n, keep in masks_from_counts(scores, self.pruned).items():
+        for n, keep in self._masks(pl_module).items():
             pl_module.masks.set(n, keep)
         self._dense = {n: w.detach().clone() for n, w in weights.items()}
         pl_module.masks.apply()
@@ -214,4 +241,19 @@ class DynamicSparsity(L.Callback):
             self._restore_dense(pl_module)
             self._swap_in_sparse(pl_module)
             self._dense = None  # the sparse weights are final
+            cost = TrainingCost(weight_macs(pl_module.model, pl_module.example_input))
+            forward = mask_densities(pl_module.masks, cost.macs)  # fixed per layer: the count or the pattern
+            cost.add_step(forward, {n: 1.0 for n in forward})
+            self.flops_ratio = cost.ratio
+        if self.pattern is not None:
+            self.dense_layers = unfit_layers(self._weights(pl_module), self.pattern)
         pl_module.masks.apply()
+
+    def report(self) -> dict:
+        out = {}
+        if self.flops_ratio is not None:
+            out["train"] = {"flops_ratio": self.flops_ratio}
+        if self.pattern is not None:
+            out["pattern"] = {"n": self.pattern.n, "m": self.pattern.m,
+                              "dense_layers": list(getattr(self, "dense_layers", []))}
+        return out

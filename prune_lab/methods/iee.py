@@ -5,20 +5,26 @@ space Θ_P (masked). Each cycle of H + J + Q optimizer steps:
 
     estimate (H)  train Θ_K and score it (magnitude: at the end; Taylor: summed over the H steps)
     prune         move the Ω_t lowest-scoring units of each layer's Θ_K to Θ_P, saving their
-                  values as their most-recently-used (MRU) values
+                  values as their most-recently-used (MRU) values: the values they had when last active
     improve (J)   train the smaller Θ_K
     explore (Q)   unmask Θ_P at its MRU values, freeze Θ_K (and every other parameter), train Θ_P
-                  only, scoring it with the same criterion
-    grow          move the Ω_t highest-scoring units of Θ_P back to Θ_K; mask the rest, whose
-                  current values become their next MRU values
+                  only, scoring it with the same criterion; batch-norm running statistics are saved
+                  before and restored after, and validation in this phase scores the masked network
+    grow          move the Ω_t highest-scoring units of Θ_P back to Θ_K, at their explored values
+                  or their last-active values (`grow_values`); mask the rest again. The MRU values
+                  stay the last-active ones: exploration never overwrites them (`mru=explored`
+                  restores the first implementation, where explored values became the next MRU)
 
-Ω_t decays exponentially (`omega`, read at each cycle's prune step). Cycles run while they end
-before `stop` · total steps; then Θ_K trains alone. Units are single weights (`target: params`;
-per-layer counts, so the ERK/uniform distribution of the initial mask is kept) or output channels
-of dependency groups (`target: flops`; per-group counts, so the FLOPs of the initial plan are
-kept and the exported model is physically shrunk). The phase is a function of the step; Θ_K,
-the MRU values, the scores and the pending counts are state, so a checkpoint taken anywhere in
-a cycle resumes exactly.
+Cycle lengths follow the run: by default `cycles` cycles share the first `stop` of training, each
+split into equal estimate / improve / explore thirds; or phase lengths are given as fractions of
+training (0 < x < 1) or as absolute optimizer steps (integers). Ω_t decays exponentially
+(`omega`, read at each cycle's prune step); after the last cycle Θ_K trains alone. Units are
+single weights (`target: params`; per-layer counts, so the ERK/uniform distribution of the initial
+mask is kept; with `pattern` N:M, per group of M, so the pattern holds) or output channels of
+dependency groups (`target: flops`; per-group counts, so the FLOPs of the initial plan are kept
+and the exported model is physically shrunk). The phase is a function of the step; Θ_K, the MRU
+values, the scores, the pending counts and the saved BN statistics are state, so a checkpoint
+taken anywhere in a cycle resumes exactly.
 
 prune_lab's own choices where the paper is silent (METHODS.md §3 [choice]): Ω_0 = 0.3 decaying
 to 0.01 at `stop`; the optimizer state of units entering or leaving Θ_K or Θ_P is zeroed; a unit
@@ -32,93 +38,27 @@ when they are the dense reference's). Ablations:
                        signal; channels: Σ (∂L/∂γ)² + (∂L/∂β)² of their batch norms); grown
                        units restart from their MRU values
   freeze_active=false  Θ_K keeps training during explore
-  grow_init=zero       grown units start at zero instead of their explored (MRU) values
+  grow_init=zero       the exploration space restarts from zero instead of its MRU values (the
+                       paper's "zero-init instead of MRU")
   improve=false        no improve phase: its J steps join the estimate phase (same cycle count)
 """
 from __future__ import annotations
-
-from functools import partial
 
 import torch
 from torch import nn
 
 from prune_lab.errors import PruneLabError
-from prune_lab.sparsity import ChannelGroups, ExponentialDecay, MaskSet
-from prune_lab.sparsity.importance import Magnitude, TaylorBN, bn_channel_scores
+from prune_lab.methods.iee_units import ChannelUnits, WeightUnits
+from prune_lab.sparsity import ExponentialDecay
+from prune_lab.sparsity.nm import NMPattern
 from prune_lab.sparsity.regrowth import RegrowthPolicy, highest, lowest, reset_optimizer_state
 
-
-class WeightUnits:
-    """Units are single weights of the sparse conv/linear layers; a layer is its weight's name."""
-
-    CRITERIA = ("magnitude", "taylor")
-
-    def __init__(self, model: nn.Module, masks: MaskSet):
-        self.params, self.masks = dict(model.named_parameters()), masks
-
-    def maskable(self) -> list[str]:
-        return list(self.masks.prunable)
-
-    def keep_from_masks(self) -> dict[str, torch.Tensor]:
-        return {n: self.masks[n].clone() for n in self.masks.prunable if n in self.masks.active}
-
-    def param_masks(self, keep) -> dict[str, torch.Tensor]:
-        return {n: keep[n] if n in keep else torch.ones_like(self.masks[n]) for n in self.masks.prunable}
-
-    def scores(self, criterion: str) -> dict[str, torch.Tensor]:
-        out = {}
-        for n in self.masks.prunable:
-            p = self.params[n]
-            if criterion == "magnitude":
-                out[n] = p.detach().abs()
-            else:  # first-order Taylor |w·∂L/∂w|
-                out[n] = torch.zeros_like(p.detach()) if p.grad is None else (p.detach() * p.grad).abs()
-        return out
-
-    def grad_scores(self) -> dict[str, torch.Tensor]:
-        return {n: torch.zeros_like(self.params[n].detach()) if self.params[n].grad is None
-                else self.params[n].grad.abs() for n in self.masks.prunable}
-
-    def set_plan(self, keep) -> None:
-        pass
+PHASES = ("estimate_steps", "improve_steps", "explore_steps")
 
 
-class ChannelUnits:
-    """Units are output channels of dependency groups; a layer is the group's root module."""
-
-    CRITERIA = ("taylor", "magnitude")
-
-    def __init__(self, model: nn.Module, masks: MaskSet, example_input: torch.Tensor, classifier: nn.Module):
-        self.model, self.masks = model, masks
-        self.groups = ChannelGroups(model, example_input, ignored=[classifier] if classifier is not None else [])
-        if len(self.groups) == 0:
-            raise PruneLabError(f"model {type(model).__name__} has no prunable channel groups; use method=iee")
-
-    def maskable(self) -> list[str]:
-        return [n for n, _ in self.model.named_parameters()]
-
-    def keep_from_masks(self) -> dict[str, torch.Tensor]:
-        plan = self.masks.channel_plan
-        if not plan:
-            raise PruneLabError("structured IEE needs an initial channel plan: pair it with "
-                                "MaskUpdate(target=flops) at step 0 (see conf/method/iee_channels.yaml)")
-        return {r: plan[r].cpu().clone() for r in self.groups.roots if r in plan}
-
-    def param_masks(self, keep) -> dict[str, torch.Tensor]:
-        touched = self.groups.param_masks(keep)
-        return {n: touched.get(n, torch.ones_like(p, dtype=torch.bool)) for n, p in self.model.named_parameters()}
-
-    def scores(self, criterion: str) -> dict[str, torch.Tensor]:
-        # Taylor: (γ·∂L/∂γ + β·∂L/∂β)² over the group's batch norms; magnitude: L1 of the root filter
-        scorer = TaylorBN().channel_scorer() if criterion == "taylor" else Magnitude(p=1).channel_scorer()
-        return dict(zip(self.groups.roots, self.groups.scores(scorer)))
-
-    def grad_scores(self) -> dict[str, torch.Tensor]:
-        scorer = partial(bn_channel_scores, gate=lambda bn, idx: bn.weight.grad[idx] ** 2 + bn.bias.grad[idx] ** 2)
-        return dict(zip(self.groups.roots, self.groups.scores(scorer)))
-
-    def set_plan(self, keep) -> None:
-        self.masks.set_channel_plan(keep)
+def _bn_stats(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {f"{m}.{b}": buf for m, mod in model.named_modules() if isinstance(mod, nn.modules.batchnorm._BatchNorm)
+            for b, buf in mod.named_buffers(recurse=False)}
 
 
 class IEE(RegrowthPolicy):
@@ -126,11 +66,14 @@ class IEE(RegrowthPolicy):
     global batch; `stop` and `omega.end` are fractions of training."""
 
     GROW_INIT = ("mru", "zero")
+    GROW_VALUES = ("explored", "last_active", "zero")
+    MRU = ("last_active", "explored")
 
-    def __init__(self, target: str = "params", criterion: str | None = None, estimate_steps: int = 150,
-                 improve_steps: int = 150, explore_steps: int = 150, omega=None, stop: float = 0.75,
-                 explore: bool = True, freeze_active: bool = True, grow_init: str = "mru", improve: bool = True,
-                 keep_start_values: bool | None = None):
+    def __init__(self, target: str = "params", criterion: str | None = None, estimate_steps=None,
+                 improve_steps=None, explore_steps=None, cycles: int | None = 10, omega=None, stop: float = 0.75,
+                 explore: bool = True, freeze_active: bool = True, grow_init: str = "mru",
+                 grow_values: str = "last_active", mru: str = "last_active", improve: bool = True,
+                 keep_start_values: bool | None = None, pattern: str | None = None):
         if target not in ("params", "flops"):
             raise PruneLabError(f"IEE target={target!r} is not one of: params, flops")
         allowed = (WeightUnits if target == "params" else ChannelUnits).CRITERIA
@@ -138,48 +81,102 @@ class IEE(RegrowthPolicy):
         if criterion not in allowed:
             raise PruneLabError(f"IEE criterion={criterion!r} is not available for target={target}; "
                                 f"choose one of: {', '.join(allowed)}")
-        if grow_init not in self.GROW_INIT:
-            raise PruneLabError(f"IEE grow_init={grow_init!r} is not one of: {', '.join(self.GROW_INIT)}")
-        for key, value, low in (("estimate_steps", estimate_steps, 1), ("improve_steps", improve_steps, 0),
-                                ("explore_steps", explore_steps, 1)):
-            if int(value) < low:
-                raise PruneLabError(f"IEE {key}={value} must be an integer >= {low}")
+        choices = (("grow_init", grow_init, self.GROW_INIT), ("grow_values", grow_values, self.GROW_VALUES),
+                   ("mru", mru, self.MRU))
+        for key, value, options in choices:
+            if value not in options:
+                raise PruneLabError(f"IEE {key}={value!r} is not one of: {', '.join(options)}")
+        self.lengths = {}
+        for key, value, low in zip(PHASES, (estimate_steps, improve_steps, explore_steps), (1, 0, 1)):
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or \
+                    (isinstance(value, int) and value < low) or (isinstance(value, float) and value >= 1):
+                raise PruneLabError(f"IEE {key}={value} must be an integer >= {low} (optimizer steps), a fraction of "
+                                    "training in (0, 1), or null (from method.cycles)")
+            self.lengths[key] = value
+        if self.lengths and len(self.lengths) != 3:
+            raise PruneLabError(f"IEE: give all of {', '.join(PHASES)} or none (null: method.cycles decides); "
+                                f"got only {', '.join(self.lengths)}")
+        if not self.lengths and (cycles is None or isinstance(cycles, bool) or int(cycles) < 1):
+            raise PruneLabError(f"IEE cycles={cycles} must be an integer >= 1 when the phase lengths are null")
         if not 0.0 < float(stop) <= 1.0:
             raise PruneLabError(f"IEE stop={stop} is outside (0, 1]: it is the fraction of training after which "
                                 "the structure stays fixed")
-        self.target, self.criterion = target, criterion
-        # improve=false: the J steps join the estimate phase, so cycles keep their length and count
-        self.h = int(estimate_steps) + (0 if improve else int(improve_steps))
-        self.j = int(improve_steps) if improve else 0
-        self.q = int(explore_steps)
+        self.pattern = NMPattern.parse(pattern)
+        if self.pattern is not None and target != "params":
+            raise PruneLabError(f"IEE pattern={pattern} needs target=params, not target={target}")
+        self.target, self.criterion, self.cycles, self.improve = target, criterion, cycles, bool(improve)
         self.omega = omega or ExponentialDecay(init=0.3, final=0.01, end=stop)
         self.stop, self.explore, self.freeze_active = float(stop), bool(explore), bool(freeze_active)
-        self.grow_init = grow_init
+        self.grow_init, self.grow_values, self.mru_mode = grow_init, grow_values, mru
         self.keep_start_values = target == "flops" if keep_start_values is None else bool(keep_start_values)
+        self.resolved_for = None  # total steps the timeline below was computed for
+        self.h = self.j = self.q = self.n = 0
+        if self.lengths and all(isinstance(v, int) for v in self.lengths.values()):
+            self._split(*self.lengths.values())  # absolute lengths: known before the run length is
         # state (checkpointed)
         self.keep: dict[str, torch.Tensor] | None = None   # Θ_K per layer
         self.mru: dict[str, torch.Tensor] | None = None    # most-recently-used values per parameter
-        self.pending: dict[str, int] = {}                 # units pruned this cycle, to grow back
+        self.pending: dict = {}                            # units pruned this cycle (per layer or per group)
         self.acc: dict[str, torch.Tensor] | None = None    # gradient-based scores summed over a phase
         self.acc_key: list = []                            # ["prune" | "grow", cycle] they belong to
+        self.bn_saved: dict[str, torch.Tensor] | None = None  # BN statistics before this exploration
         self.last_step = -1
         # transient
         self.total_steps = 0
         self._frozen_masks = None
         self._saved = None
+        self._eval_stash = None
 
     # -- timeline ---------------------------------------------------------------------------
+    def _split(self, h: int, j: int, q: int) -> None:
+        # improve=false: the J steps join the estimate phase, so cycles keep their length and count
+        self.h, self.j, self.q = (h, j, q) if self.improve else (h + j, 0, q)
+
+    def resolve(self, total_steps: int) -> None:
+        """Phase lengths and cycle count for a run of `total_steps`; a one-line error when no
+        cycle fits."""
+        if self.resolved_for == total_steps:
+            return
+        span = min(int(self.stop * total_steps), total_steps - 1)
+        if not self.lengths:
+            length = span // int(self.cycles)
+            third = length // 3
+            if third < 1:
+                raise PruneLabError(f"IEE: method.cycles={self.cycles} cycles of at least 3 steps (estimate, improve, "
+                                    f"explore) do not fit before stop={self.stop} of the run's {total_steps} steps "
+                                    f"({span} steps); lower method.cycles or train longer")
+            self._split(length - 2 * third, third, third)
+            self.n = int(self.cycles)
+        else:
+            steps = [v if isinstance(v, int) else max(round(v * total_steps), 1 if k != "improve_steps" else 0)
+                     for k, v in self.lengths.items()]
+            self._split(*steps)
+            self.n = span // self.cycle
+            if self.n == 0:
+                raise PruneLabError(f"IEE: one cycle (estimate + improve + explore = {self.cycle} steps) does not fit "
+                                    f"before stop={self.stop} of the run's {total_steps} steps; lower "
+                                    "method.estimate_steps/improve_steps/explore_steps, or set them to null and "
+                                    "give method.cycles")
+        self.resolved_for = total_steps
+
+    def check_steps(self, total_steps: int) -> None:
+        self.resolve(total_steps)
+
     @property
     def cycle(self) -> int:
         return self.h + self.j + self.q
 
     def n_cycles(self, total_steps: int) -> int:
-        return min(int(self.stop * total_steps), total_steps - 1) // self.cycle
+        self.resolve(total_steps)
+        return self.n
 
     def phase(self, step: int, total_steps: int) -> str:
         """estimate | improve | explore | train (after the last cycle)."""
+        self.resolve(total_steps)
         k, r = divmod(step, self.cycle)
-        if k >= self.n_cycles(total_steps):
+        if k >= self.n:
             return "train"
         if r < self.h:
             return "estimate"
@@ -201,22 +198,23 @@ class IEE(RegrowthPolicy):
                         for n in self.units.maskable()}
         device = next(iter(params.values())).device
         self.mru = {n: v.to(params[n].device) for n, v in self.mru.items()}
+        stats = _bn_stats(model)
+        if self.bn_saved is not None:
+            self.bn_saved = {n: v.to(stats[n].device) for n, v in self.bn_saved.items()}
         if self.target == "params":  # weight-unit state lives with the weights; channel state on CPU
             move = (lambda d: None if d is None else {n: v.to(device) for n, v in d.items()})
             self.keep, self.acc = move(self.keep), move(self.acc)
+            self.pending = {k: v.to(device) if torch.is_tensor(v) else v for k, v in self.pending.items()}
 
     @torch.no_grad()
     def before_forward(self, step, total_steps, optimizers):
         self.total_steps = total_steps
         if step == self.last_step:
             return False
-        if self.n_cycles(total_steps) == 0:
-            raise PruneLabError(f"IEE: one cycle (estimate + improve + explore = {self.cycle} steps) does not fit "
-                                f"before stop={self.stop} of the run's {total_steps} steps; lower "
-                                "method.estimate_steps/improve_steps/explore_steps or train longer")
+        self.resolve(total_steps)
         self.last_step = step
         k, r = divmod(step, self.cycle)
-        n = self.n_cycles(total_steps)
+        n = self.n
         changed = False
         if r == 0 and 1 <= k <= n:
             self._grow(k - 1, optimizers)
@@ -247,10 +245,13 @@ class IEE(RegrowthPolicy):
         else:
             self.acc = {layer: self.acc[layer] + s for layer, s in scores.items()}
 
+    def _explore_frozen(self, step) -> bool:
+        return self.freeze_active and self.phase(step, self.total_steps) == "explore"
+
     @torch.no_grad()
     def before_optimizer_step(self, step, optimizer):
         self._saved = None
-        if not (self.freeze_active and self.phase(step, self.total_steps) == "explore"):
+        if not self._explore_frozen(step):
             return
         # the step may move everything (weight decay, momentum); restore all but Θ_P after it
         self._saved = {id(p): (p.detach().clone(), {k: v.clone() for k, v in optimizer.state.get(p, {}).items()
@@ -261,17 +262,62 @@ class IEE(RegrowthPolicy):
     def after_optimizer_step(self, step, optimizer):
         if self._saved is None:
             return
-        if self._frozen_masks is None:
-            self._frozen_masks = self.units.param_masks(self.keep)
+        frozen_masks = self._frozen()
         for name, p in self.model.named_parameters():
             value, state = self._saved[id(p)]
-            frozen = self._frozen_masks.get(name)  # True on Θ_K; parameters outside the masks: all frozen
+            frozen = frozen_masks.get(name)  # True on Θ_K; parameters outside the masks: all frozen
             p.copy_(value if frozen is None else torch.where(frozen, value, p))
             for k, v in optimizer.state.get(p, {}).items():
                 if torch.is_tensor(v) and v.shape == p.shape:
                     old = state.get(k, torch.zeros_like(v))  # state created by this very step: was zero
                     v.copy_(old if frozen is None else torch.where(frozen, old, v))
         self._saved = None
+
+    def _frozen(self) -> dict[str, torch.Tensor]:
+        if self._frozen_masks is None:
+            self._frozen_masks = self.units.param_masks(self.keep)
+        return self._frozen_masks
+
+    # -- evaluation and training cost ---------------------------------------------------------
+    @torch.no_grad()
+    def before_eval(self) -> None:
+        """Validation inside an exploration scores the masked network Θ_K with the BN statistics
+        it had before exploring; `after_eval` puts the exploration back."""
+        if self.bn_saved is None or self._eval_stash is not None:
+            return
+        params, stats = dict(self.model.named_parameters()), _bn_stats(self.model)
+        active = self._frozen()
+        self._eval_stash = ({n: params[n].detach().clone() for n in active},
+                            {n: v.clone() for n, v in stats.items()})
+        for name, m in active.items():
+            params[name].mul_(m)
+        for name, v in self.bn_saved.items():
+            stats[name].copy_(v)
+
+    @torch.no_grad()
+    def after_eval(self) -> None:
+        if self._eval_stash is None:
+            return
+        values, saved_stats = self._eval_stash
+        params, stats = dict(self.model.named_parameters()), _bn_stats(self.model)
+        for name, v in values.items():
+            params[name].copy_(v)
+        for name, v in saved_stats.items():
+            stats[name].copy_(v)
+        self._eval_stash = None
+
+    def weight_grad_density(self, step, total_steps, forward):
+        phase = self.phase(step, total_steps)
+        if phase == "explore" and self.freeze_active:  # only Θ_P's weight gradients are needed
+            return {n: 1.0 - float(m.float().mean()) for n, m in self._frozen().items() if n in forward}
+        if phase == "improve" and not self.explore and divmod(step, self.cycle)[1] >= self.h + self.j:
+            return {n: 1.0 for n in forward}  # the dense gradient that ranks Θ_P
+        return None
+
+    def updated_masks(self, step, total_steps):
+        if self._explore_frozen(step):
+            return {n: ~m for n, m in self._frozen().items()}
+        return None
 
     def decisions(self):
         return [] if self.keep is None else [self.keep[k] for k in sorted(self.keep)]
@@ -295,19 +341,26 @@ class IEE(RegrowthPolicy):
             s = scores[layer].to(keep.device)
             kept = int(keep.sum())
             n = min(round(omega * kept), kept - 1)  # a layer never loses its last unit
-            self.keep[layer] = keep & ~lowest(s, keep, n)
-            self.pending[layer] = n
+            removed = lowest(s, keep, n)
+            self.keep[layer] = keep & ~removed
+            # N:M: each group grows back as many as it lost, so the pattern holds after the grow
+            self.pending[layer] = self.pattern.group_counts(removed) if self.pattern is not None else n
         new = self.units.param_masks(self.keep)
         params = dict(self.model.named_parameters())
-        for name, m in new.items():
+        for name, m in new.items():  # the values they had when last active: their MRU values
             self.mru[name] = torch.where(old[name] & ~m, params[name], self.mru[name])
         self._set_masks(new, {name: old[name] & ~m for name, m in new.items()}, optimizers)
+
+    def _restart_values(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        return self.mru[name] if self.grow_init == "mru" else torch.zeros_like(like)
 
     def _start_explore(self, optimizers) -> None:
         active = self.units.param_masks(self.keep)
         params = dict(self.model.named_parameters())
+        self.bn_saved = {n: v.clone() for n, v in _bn_stats(self.model).items()}
         for name, m in active.items():
-            params[name].copy_(torch.where(m, params[name], self.mru[name]))  # Θ_P back at its MRU values
+            restart = self._restart_values(name, params[name])
+            params[name].copy_(torch.where(m, params[name], restart))  # Θ_P back at its MRU values
             self.masks.set(name, torch.ones_like(m))
         for opt in optimizers:
             reset_optimizer_state(opt, params, {name: ~m for name, m in active.items()})
@@ -317,18 +370,32 @@ class IEE(RegrowthPolicy):
         old = self.units.param_masks(self.keep)
         params = dict(self.model.named_parameters())
         scores = self._scores("grow", cycle)
-        if self.explore:
-            for name, m in old.items():  # every explored unit's value now is its most recent one
+        if self.explore and self.mru_mode == "explored":  # the first implementation's reading
+            for name, m in old.items():
                 self.mru[name] = torch.where(m, self.mru[name], params[name])
         for layer, keep in self.keep.items():
-            s = scores[layer].to(keep.device)
-            self.keep[layer] = keep | highest(s, ~keep, self.pending.get(layer, 0))
+            s, count = scores[layer].to(keep.device), self.pending.get(layer, 0)
+            if self.pattern is not None:
+                grown = self.pattern.top_per_group(s, count, candidates=~keep)
+            else:
+                grown = highest(s, ~keep, count)
+            self.keep[layer] = keep | grown
         self.pending = {}
         new = self.units.param_masks(self.keep)
         for name, m in new.items():
             grown = m & ~old[name]
-            start = self.mru[name] if self.grow_init == "mru" else torch.zeros_like(params[name])
+            if self.grow_values == "zero":
+                start = torch.zeros_like(params[name])
+            elif self.grow_values == "explored" and self.explore:
+                start = params[name]
+            else:  # last_active (and without exploration: there are no explored values)
+                start = self._restart_values(name, params[name])
             params[name].copy_(torch.where(grown, start, params[name]))
+        if self.bn_saved is not None:  # exploration leaves the BN statistics as it found them
+            stats = _bn_stats(self.model)
+            for name, v in self.bn_saved.items():
+                stats[name].copy_(v)
+            self.bn_saved = None
         self._set_masks(new, {name: ~m for name, m in old.items()}, optimizers)
 
     def _set_masks(self, new: dict[str, torch.Tensor], reset: dict[str, torch.Tensor], optimizers) -> None:
@@ -344,9 +411,10 @@ class IEE(RegrowthPolicy):
     # -- state ----------------------------------------------------------------------------
     def state_dict(self):
         return {"keep": self.keep, "mru": self.mru, "pending": dict(self.pending), "acc": self.acc,
-                "acc_key": list(self.acc_key), "last_step": self.last_step}
+                "acc_key": list(self.acc_key), "last_step": self.last_step, "bn_saved": self.bn_saved}
 
     def load_state_dict(self, state):
         self.keep, self.mru = state["keep"], state["mru"]
-        self.pending = {k: int(v) for k, v in state["pending"].items()}
+        self.pending = {k: v if torch.is_tensor(v) else int(v) for k, v in state["pending"].items()}
         self.acc, self.acc_key, self.last_step = state["acc"], list(state["acc_key"]), int(state["last_step"])
+        self.bn_saved = state.get("bn_saved")

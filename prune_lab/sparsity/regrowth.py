@@ -105,6 +105,25 @@ class RegrowthPolicy:
         """Decision state beyond the MaskSet that every rank must hold identically."""
         return []
 
+    def check_steps(self, total_steps: int) -> None:
+        """Raise PruneLabError (one line) when the policy cannot run in `total_steps` steps; called
+        before anything is written."""
+
+    def before_eval(self) -> None:
+        """Validation during training is about to run on the current parameters."""
+
+    def after_eval(self) -> None:
+        pass
+
+    # -- training cost (RigL's accounting, `prune_lab.sparsity.cost`) -------------------------------
+    def weight_grad_density(self, step: int, total_steps: int, forward: dict[str, float]) -> dict[str, float] | None:
+        """Density of the weight gradient this step computes per layer; None: that of the forward pass."""
+        return None
+
+    def updated_masks(self, step: int, total_steps: int) -> dict[str, torch.Tensor] | None:
+        """Entries this step's optimizer update trained; None: the MaskSet's masks after the step."""
+        return None
+
     def state_dict(self) -> dict:
         return {}
 
@@ -159,6 +178,11 @@ class DropGrow(RegrowthPolicy):
             reset_optimizer_state(opt, params, moved)
         self.last_update_step, self.updates = step, self.updates + 1
         return True
+
+    def weight_grad_density(self, step, total_steps, forward):
+        if self.grow == "gradient" and self.schedule.is_update(step, total_steps):
+            return {n: 1.0 for n in forward}  # RigL: the dense gradient, once every ΔT steps
+        return None
 
     def state_dict(self):
         return {"last_update_step": self.last_update_step, "updates": self.updates}
