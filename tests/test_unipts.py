@@ -14,7 +14,7 @@ from torch import nn
 
 from conftest import FAST, compose_cfg
 from prune_lab.callbacks import DynamicSparsity
-from prune_lab.callbacks.distillation import BaseDecayedKL, PlainKL
+from prune_lab.callbacks.distillation import BaseDecayedKL, MatchedPlainKL, PlainKL
 from prune_lab.callbacks.search import AllocationFitness
 from prune_lab.data import DigitsDataModule
 from prune_lab.errors import PruneLabError
@@ -79,6 +79,28 @@ def test_objective_gradient_is_scaled_soft_target_cross_entropy(loss_cls, progre
     assert loss_cls(temperature=4.0).tau(0.0) == (8.0 if loss_cls is BaseDecayedKL else 1.0)
     if loss_cls is BaseDecayedKL:  # weight T²/τ grows from 2 to 5.4 over the paper's 100 epochs
         assert 16 / loss.tau(0.0) == pytest.approx(2.0) and 16 / loss.tau(0.99) == pytest.approx(5.41, abs=0.01)
+
+
+def test_plain_kd_at_matched_step_has_the_base_decayed_average_gradient_weight():
+    g = torch.Generator().manual_seed(2)
+    student = torch.randn(8, 10, generator=g, dtype=torch.float64)
+    teacher = 3 * torch.randn(8, 10, generator=g, dtype=torch.float64)
+    base, plain, matched = BaseDecayedKL(), PlainKL(), MatchedPlainKL()
+
+    def grad(loss, progress):
+        s = student.clone().requires_grad_(True)
+        loss(s, teacher, progress).backward()
+        return s.grad
+
+    # plain KD weighted by 1/τ_e at every epoch has exactly the base-decayed gradient: matching per
+    # epoch would make the ablation compare the method with itself, hence the average
+    for p in (0.0, 0.3, 0.9):
+        torch.testing.assert_close(grad(base, p), grad(plain, p) / base.tau(p))
+    weight = 16 / matched.tau(0.0)
+    mean_base = sum(16 / base.tau((i + 0.5) / 10000) for i in range(10000)) / 10000
+    assert weight == pytest.approx(mean_base, rel=1e-6) and weight == pytest.approx(3.45, abs=0.01)
+    torch.testing.assert_close(grad(matched, 0.0), grad(matched, 0.8))  # constant over training
+    torch.testing.assert_close(grad(matched, 0.5), grad(plain, 0.5) * weight / 16)
 
 
 # -- fitness ---------------------------------------------------------------------------------------
@@ -246,9 +268,9 @@ def test_calibration_subset_size_and_determinism():
 # -- end to end through the real config ------------------------------------------------------------
 @pytest.mark.parametrize("method,overrides", [
     ("unipts", TINY_GA),
-    ("unipts", [*TINY_GA, "method.search=false", "method.kd=plain", "method.dst=false"]),
+    ("unipts", [*TINY_GA, "method.search=false", "method.kd=plain_matched", "method.dst=false"]),
     ("oneshot_bnrecal", ["method.distribution=global"]),
-    ("pot", ["method.steps=20", "method.samples=256"]),
+    ("pot", ["method.steps=20", "method.samples=256", "method.distribution=global"]),
 ])
 def test_post_training_methods_run_end_to_end(method, overrides, tmp_path, dense_dir):
     results, out = run_fast(tmp_path, dense_dir, f"method={method}", "budget=0.9", *overrides)
@@ -256,6 +278,9 @@ def test_post_training_methods_run_end_to_end(method, overrides, tmp_path, dense
     assert on_disk["method"] == method and on_disk["budget_met"] is True
     assert abs(zero_fraction(load_file(str(out / "model.safetensors"))) - 0.9) <= 0.005
     assert 0.0 <= results["pruned"]["top1"] <= 1.0
+    if "method.distribution=global" in overrides:  # one global magnitude threshold: layers differ
+        densities = [l["density"] for l in on_disk["layers"]]
+        assert max(densities) - min(densities) > 0.05
     if method == "unipts":
         search = json.loads((out / "search.json").read_text())
         assert search["enabled"] == ("method.search=false" not in overrides)
@@ -296,3 +321,15 @@ def test_warmup_cosine_schedule():
         sched.step()
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0) and lrs[10] == pytest.approx(1.0)
     assert lrs[-1] < 0.01 and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    # warm-up given in epochs: the module supplies the run's epoch count (1 of 20 epochs = 5 of 100 steps)
+    from functools import partial
+    from prune_lab.module import make_scheduler
+
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = make_scheduler(partial(warmup_cosine, warmup_epochs=1), opt, total_steps=100, epochs=20)
+    lrs = []
+    for _ in range(6):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0]) and lrs[5] == pytest.approx(1.0)
