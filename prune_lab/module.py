@@ -23,14 +23,16 @@ def _accuracy(num_classes: int, k: int) -> MulticlassAccuracy:
     return MulticlassAccuracy(num_classes=num_classes, top_k=min(k, num_classes), average="micro")
 
 
-def make_scheduler(factory: Callable, optimizer, total_steps: int):
-    """Call a partial LR-scheduler factory, supplying the run length where it asks for one."""
+def make_scheduler(factory: Callable, optimizer, total_steps: int, epochs: int | None = None):
+    """Call a partial LR-scheduler factory, supplying the run length (steps, epochs) where it asks for one."""
     if factory is None:
         return None
     func = getattr(factory, "func", factory)
     given = getattr(factory, "keywords", {})
     params = inspect.signature(func).parameters
     extra = {k: total_steps for k in ("T_max", "total_steps", "total_iters") if k in params and k not in given}
+    if epochs is not None and "epochs" in params and "epochs" not in given:
+        extra["epochs"] = epochs
     return factory(optimizer, **extra)
 
 
@@ -142,7 +144,8 @@ class PruneLabModule(L.LightningModule):
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(params=self.parameter_groups())
-        scheduler = make_scheduler(self.scheduler_factory, optimizer, int(self.trainer.estimated_stepping_batches))
+        scheduler = make_scheduler(self.scheduler_factory, optimizer, int(self.trainer.estimated_stepping_batches),
+                                   int(self.trainer.max_epochs or 1))
         if scheduler is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

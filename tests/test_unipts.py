@@ -3,6 +3,7 @@ calibration data, and end-to-end runs through the real config."""
 from __future__ import annotations
 
 import copy
+import functools
 import json
 
 import pytest
@@ -13,7 +14,7 @@ from torch import nn
 
 from conftest import FAST, compose_cfg
 from prune_lab.callbacks import DynamicSparsity
-from prune_lab.callbacks.distillation import BaseDecayedKL, PlainKL
+from prune_lab.callbacks.distillation import BaseDecayedKL, MatchedPlainKL, PlainKL
 from prune_lab.callbacks.search import AllocationFitness
 from prune_lab.data import DigitsDataModule
 from prune_lab.errors import PruneLabError
@@ -80,6 +81,28 @@ def test_objective_gradient_is_scaled_soft_target_cross_entropy(loss_cls, progre
         assert 16 / loss.tau(0.0) == pytest.approx(2.0) and 16 / loss.tau(0.99) == pytest.approx(5.41, abs=0.01)
 
 
+def test_plain_kd_at_matched_step_has_the_base_decayed_average_gradient_weight():
+    g = torch.Generator().manual_seed(2)
+    student = torch.randn(8, 10, generator=g, dtype=torch.float64)
+    teacher = 3 * torch.randn(8, 10, generator=g, dtype=torch.float64)
+    base, plain, matched = BaseDecayedKL(), PlainKL(), MatchedPlainKL()
+
+    def grad(loss, progress):
+        s = student.clone().requires_grad_(True)
+        loss(s, teacher, progress).backward()
+        return s.grad
+
+    # plain KD weighted by 1/τ_e at every epoch has exactly the base-decayed gradient: matching per
+    # epoch would make the ablation compare the method with itself, hence the average
+    for p in (0.0, 0.3, 0.9):
+        torch.testing.assert_close(grad(base, p), grad(plain, p) / base.tau(p))
+    weight = 16 / matched.tau(0.0)
+    mean_base = sum(16 / base.tau((i + 0.5) / 10000) for i in range(10000)) / 10000
+    assert weight == pytest.approx(mean_base, rel=1e-6) and weight == pytest.approx(3.45, abs=0.01)
+    torch.testing.assert_close(grad(matched, 0.0), grad(matched, 0.8))  # constant over training
+    torch.testing.assert_close(grad(matched, 0.5), grad(plain, 0.5) * weight / 16)
+
+
 # -- fitness ---------------------------------------------------------------------------------------
 def direct_fitness(model, pruned: dict[str, int], batches) -> float:
     """Independent re-computation: magnitude-prune each layer, re-estimate BN (plain average over
@@ -105,16 +128,7 @@ def direct_fitness(model, pruned: dict[str, int], batches) -> float:
 
 
 def test_fitness_of_the_all_equal_genome_and_of_uniform_equal_direct_computation():
-    dm = DigitsDataModule(image_size=8, batch_size=128)
-    dm.setup()
-    model = resnet8()
-    # a model with some skill so accuracies are not all at chance
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    for x, y in torch.utils.data.DataLoader(dm.train_set, batch_size=64, shuffle=False):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-    batches = calibration_batches(torch.utils.data.DataLoader(dm.train_set, batch_size=128))
+    model, batches = trained_digits_resnet8()
     numel = numels(model)
     fitness = AllocationFitness(model, list(numel), batches, noise_std=1e-6)
     all_equal = decode_genome(torch.ones(len(numel)), numel, 0.8)
@@ -127,6 +141,57 @@ def test_fitness_of_the_all_equal_genome_and_of_uniform_equal_direct_computation
     assert record["all_equal_fitness"] == direct_fitness(model, all_equal, batches)
     assert record["best_fitness"] >= record["all_equal_fitness"]
     assert sum(best.values()) == round(0.8 * sum(numel.values()))
+
+
+@functools.lru_cache(maxsize=1)
+def trained_digits_resnet8():
+    """A ResNet-8 with some skill on digits (accuracies not all at chance) and its calibration batches."""
+    dm = DigitsDataModule(image_size=8, batch_size=128)
+    dm.setup()
+    model = resnet8()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for x, y in torch.utils.data.DataLoader(dm.train_set, batch_size=64, shuffle=False):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model, calibration_batches(torch.utils.data.DataLoader(dm.train_set, batch_size=128))
+
+
+@pytest.mark.parametrize("stack,channels_last", [(4, True), (3, False)])
+def test_stacked_fitness_equals_one_by_one_for_random_genomes(stack, channels_last):
+    """Candidates scored together (grouped convolutions, one BN re-estimation with the seeded
+    1e-6 noise) get exactly the fitness each gets alone, incl. a last, smaller chunk."""
+    model, batches = trained_digits_resnet8()
+    numel = numels(model)
+    g = torch.Generator().manual_seed(7)
+    allocations = [decode_genome(torch.randn(len(numel), generator=g, dtype=torch.float64), numel, budget)
+                   for budget in (0.5, 0.7, 0.8, 0.9, 0.6, 0.75)]
+    kw = dict(noise_std=1e-6, seed=3, channels_last=channels_last)
+    one = AllocationFitness(model, list(numel), batches, stack=1, **kw)
+    together = AllocationFitness(model, list(numel), batches, stack=stack, eval_batch_size=512, **kw)
+    singles = [one(a) for a in allocations]
+    assert together.many(allocations) == singles
+    assert len(set(singles)) > 2  # the genomes differ in fitness: equality is not trivially chance level
+    # the BN statistics of a candidate inside the stack are its own: compare the last one re-estimated alone
+    last = allocations[-1]
+    one(last)
+    alone = {n: b for n, b in one._network(1).named_buffers() if n.endswith("running_mean")}
+    count = len(allocations) % stack or stack
+    stacked = dict(together._network(count).named_buffers())
+    for n, b in alone.items():
+        torch.testing.assert_close(stacked[n].view(count, -1)[-1], b, rtol=1e-4, atol=1e-6)
+
+
+def test_fitness_of_a_network_stacking_cannot_represent_falls_back_to_one_by_one():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.GroupNorm(2, 4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 3))
+    batches = [(torch.randn(16, 1, 6, 6), torch.randint(0, 3, (16,))) for _ in range(2)]
+    numel = {"0.weight": 36, "5.weight": 12}
+    allocations = [{"0.weight": k, "5.weight": 6} for k in (5, 20, 30)]
+    fitness = AllocationFitness(model, list(numel), batches, stack=3)
+    assert fitness.many(allocations) == [AllocationFitness(model, list(numel), batches)(a) for a in allocations]
+    assert fitness.stack == 1
 
 
 # -- dynamic sparse training ---------------------------------------------------------------------
@@ -203,9 +268,9 @@ def test_calibration_subset_size_and_determinism():
 # -- end to end through the real config ------------------------------------------------------------
 @pytest.mark.parametrize("method,overrides", [
     ("unipts", TINY_GA),
-    ("unipts", [*TINY_GA, "method.search=false", "method.kd=plain", "method.dst=false"]),
+    ("unipts", [*TINY_GA, "method.search=false", "method.kd=plain_matched", "method.dst=false"]),
     ("oneshot_bnrecal", ["method.distribution=global"]),
-    ("pot", ["method.steps=20", "method.samples=256"]),
+    ("pot", ["method.steps=20", "method.samples=256", "method.distribution=global"]),
 ])
 def test_post_training_methods_run_end_to_end(method, overrides, tmp_path, dense_dir):
     results, out = run_fast(tmp_path, dense_dir, f"method={method}", "budget=0.9", *overrides)
@@ -213,6 +278,9 @@ def test_post_training_methods_run_end_to_end(method, overrides, tmp_path, dense
     assert on_disk["method"] == method and on_disk["budget_met"] is True
     assert abs(zero_fraction(load_file(str(out / "model.safetensors"))) - 0.9) <= 0.005
     assert 0.0 <= results["pruned"]["top1"] <= 1.0
+    if "method.distribution=global" in overrides:  # one global magnitude threshold: layers differ
+        densities = [l["density"] for l in on_disk["layers"]]
+        assert max(densities) - min(densities) > 0.05
     if method == "unipts":
         search = json.loads((out / "search.json").read_text())
         assert search["enabled"] == ("method.search=false" not in overrides)
@@ -223,6 +291,13 @@ def test_post_training_methods_run_end_to_end(method, overrides, tmp_path, dense
             assert 1 - dens[n] == pytest.approx(l["sparsity"], abs=1.5 / l["numel"])
         if search["enabled"]:
             assert len(search["history"]) == 3 and search["evaluations"] >= 4
+        # the searched and the uniform allocation, scored on the calibration set and on held-out validation
+        for split in ("calibration", "validation"):
+            assert set(search[split]) >= {"searched", "uniform"}
+            assert all(0.0 <= search[split][k] <= 1.0 for k in ("searched", "uniform"))
+        assert search["validation"]["samples"] > 0
+        assert search["calibration"]["searched"] == search["best_fitness"]
+        assert on_disk["search"]["validation"] == search["validation"]
 
 
 @pytest.mark.parametrize("override,message", [("method.kd=bogus", "kd"), ("method.dst=maybe", "dst"),
@@ -246,3 +321,15 @@ def test_warmup_cosine_schedule():
         sched.step()
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0) and lrs[10] == pytest.approx(1.0)
     assert lrs[-1] < 0.01 and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    # warm-up given in epochs: the module supplies the run's epoch count (1 of 20 epochs = 5 of 100 steps)
+    from functools import partial
+    from prune_lab.module import make_scheduler
+
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = make_scheduler(partial(warmup_cosine, warmup_epochs=1), opt, total_steps=100, epochs=20)
+    lrs = []
+    for _ in range(6):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0]) and lrs[5] == pytest.approx(1.0)
