@@ -107,8 +107,11 @@ def load_study(name_or_path: str, seeds: list[int] | None = None, budgets: list[
     variants = {str(k): [str(o) for o in (v or [])] for k, v in (raw.get("variants") or {}).items()}
     if not variants:
         raise _fail(name, "no variants")
-    study = Study(name=name, description=str(raw.get("description", "")),
-                  base=[str(o) for o in raw.get("base") or []] + list(extra or []), variants=variants,
+    # an extra override replaces the base's override of the same key (--set experiment=...)
+    extra = [str(o) for o in extra or []]
+    keys = {o.split("=", 1)[0].lstrip("+~") for o in extra}
+    base = [str(o) for o in raw.get("base") or [] if str(o).split("=", 1)[0].lstrip("+~") not in keys] + extra
+    study = Study(name=name, description=str(raw.get("description", "")), base=base, variants=variants,
                   budgets=[float(b) for b in (budgets or raw.get("budgets") or [])],
                   seeds=[int(s) for s in (seeds if seeds is not None else raw.get("seeds") or [0, 1, 2])],
                   metric=str(raw.get("metric", "pruned.top1")),

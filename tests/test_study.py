@@ -167,3 +167,13 @@ claims:
     assert {p: p.stat().st_mtime_ns for p in results} == stamps  # no job ran again
     verdict = json.loads((tmp_path / "out" / "verdicts.json").read_text())
     assert verdict[0]["claim"] == "magnitude >= random at budget 0.8" and verdict[0]["n"] == 2
+
+
+def test_extra_overrides_replace_the_base_key_and_rerun_on_other_seeds(tmp_path):
+    study = load_study("quickstart", seeds=[3, 4], budgets=[0.7], extra=["experiment=fashion_mnist", "epochs=2"])
+    assert study.base == ["experiment=fashion_mnist", "epochs=2"]
+    jobs = study.jobs(tmp_path)
+    assert {(j.budget, j.seed) for j in jobs} == {(0.7, 3), (0.7, 4)}
+    assert all(j.overrides[:2] == ("experiment=fashion_mnist", "epochs=2") for j in jobs)
+    # jobs of different seeds and budgets live in different folders: re-checks never overwrite
+    assert len({j.directory for j in jobs}) == len(jobs)
