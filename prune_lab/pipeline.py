@@ -5,6 +5,7 @@ import copy
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -19,6 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 
 from prune_lab import export, report
+from prune_lab.callbacks import ResumableCheckpoint, RNGState
+from prune_lab.callbacks.checkpoint import save_checkpoint_atomic
 from prune_lab.errors import PruneLabError
 from prune_lab.loggers import prepare_wandb, publish
 from prune_lab.module import PruneLabModule
@@ -57,6 +60,9 @@ def build(node, **kwargs):
 
 # -- validation: everything here runs before anything is written ----------------------------
 def validate(cfg: DictConfig) -> None:
+    seed = cfg.seed
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise PruneLabError(f"seed={seed} is not a non-negative integer (e.g. seed=0)")
     b = cfg.budget
     if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0.0 <= float(b) < 1.0:
         raise PruneLabError(f"budget={b} is outside [0, 1): it is the fraction of the method's target removed")
@@ -76,6 +82,51 @@ def check_checkpoint(path: Path) -> None:
                             "pass a run's checkpoints/last.ckpt") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise PruneLabError(f"ckpt_path={path} is not a prune_lab checkpoint (no state_dict)")
+
+
+def check_forward(cfg, dm, model, example) -> None:
+    """The model runs once on the data's input size, so a mismatch is refused before the dense
+    reference trains (instead of dying at pruning or export time)."""
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    except Exception as e:  # any failure here is a model/input mismatch the user must resolve
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        shape = "x".join(str(d) for d in example.shape[1:])
+        raise PruneLabError(f"model {cfg.model.name} cannot run on {dm.name}'s {shape} input ({detail}); "
+                            f"choose a model made for {example.shape[-1]} px images or a larger data.image_size") from None
+    finally:
+        model.train(was_training)
+
+
+def check_schedules(cfg, dm, callbacks) -> None:
+    """Give every callback with a `check_schedule(total_steps, steps_per_epoch)` hook the run's
+    length before training, so a schedule that does not fit it is refused now."""
+    hooks = [cb.check_schedule for cb in callbacks if hasattr(cb, "check_schedule")]
+    if not hooks or not cfg.method.get("train", True):
+        return
+    steps_per_epoch, total = run_length(cfg, dm)
+    for hook in hooks:
+        hook(total_steps=total, steps_per_epoch=steps_per_epoch)
+
+
+def run_length(cfg, dm) -> tuple[int, int]:
+    """(optimizer steps per epoch, total optimizer steps) of the run's training, as Lightning will
+    count them: `data.batch_size` is the global batch, so the count is the same on N devices."""
+    dm.setup("fit")
+    batches = len(dm.train_dataloader())
+    limit = cfg.trainer.get("limit_train_batches")
+    if isinstance(limit, int) and not isinstance(limit, bool):
+        batches = min(batches, limit)
+    elif isinstance(limit, float) and limit < 1.0:
+        batches = int(batches * limit)
+    steps_per_epoch = math.ceil(batches / int(cfg.trainer.get("accumulate_grad_batches") or 1))
+    total = steps_per_epoch * int(cfg.trainer.max_epochs)
+    max_steps = cfg.trainer.get("max_steps")
+    if max_steps is not None and int(max_steps) >= 0:
+        total = min(total, int(max_steps))
+    return steps_per_epoch, total
 
 
 def check_structured(cfg, model, example) -> None:
@@ -131,11 +182,25 @@ def dense_reference(cfg: DictConfig, dm, model: torch.nn.Module, example: torch.
     module = PruneLabModule(dense_model, dm.num_classes, example, optimizer, build(cfg.module.scheduler),
                             cfg.module.get("label_smoothing", 0.0), cfg.module.get("channels_last", False))
     tmp = cache.with_name(f".{cache.name}.tmp{os.getpid()}")
-    trainer = build(cfg.trainer, max_epochs=cfg.dense.epochs, logger=False, enable_checkpointing=False,
-                    callbacks=[build({"_target_": "lightning.pytorch.callbacks.RichProgressBar", "leave": False})],
+    # its own resumable checkpoint, keyed like the cache: a killed dense training resumes (sweep
+    # jobs training the same model share it; they follow the same trajectory)
+    partial = cache.with_name(f".{cache.name}.partial")
+    resume = partial / "last.ckpt"
+    if resume.is_file():
+        try:
+            check_checkpoint(resume)
+            log.info("dense reference: resuming its unfinished training from %s", resume)
+        except PruneLabError:
+            log.warning("dense reference: %s is unreadable; training it from the start", resume)
+            resume.unlink(missing_ok=True)
+    checkpoint = ResumableCheckpoint(dirpath=str(partial), every_n_steps=cfg.checkpoint.get("every_n_steps"),
+                                     every_minutes=cfg.checkpoint.get("every_minutes"))
+    trainer = build(cfg.trainer, max_epochs=cfg.dense.epochs, logger=False,
+                    callbacks=[checkpoint, RNGState(),
+                               build({"_target_": "lightning.pytorch.callbacks.RichProgressBar", "leave": False})],
                     default_root_dir=str(tmp))
     t0 = time.time()
-    trainer.fit(module, datamodule=dm)
+    trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume.is_file() else None, weights_only=True)
     metrics = _test(trainer, module, dm)
     metrics.update(report.model_costs(dense_model.cpu(), example.cpu()))
     metrics.update({"train_wall_s": time.time() - t0, "key": cache.name})
@@ -149,6 +214,7 @@ def dense_reference(cfg: DictConfig, dm, model: torch.nn.Module, example: torch.
         os.replace(tmp, cache)  # atomic: concurrent sweep jobs never see a half-written cache
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)  # another job finished first; its copy is equivalent
+    shutil.rmtree(partial, ignore_errors=True)
     return {"state_dict": dense_model.state_dict(), **metrics}
 
 
@@ -227,11 +293,13 @@ def run(cfg: DictConfig) -> dict:
     model = build(cfg.model, num_classes=dm.num_classes, in_channels=dm.channels,
                   weights=None if weights == "auto" else weights)
     example = dm.example_input(1)
+    check_forward(cfg, dm, model, example)
     check_structured(cfg, model, example)
     callbacks = [build(c) for c in cfg.method.get("callbacks", {}).values()]
     for cb in callbacks:  # method-specific requirements on the model, before anything is written
         if hasattr(cb, "check"):
             cb.check(model, example)
+    check_schedules(cfg, dm, callbacks)
     # steps a method takes once before training, or instead of it (train: false): one-shot pruning,
     # BN re-estimation, layer-wise reconstruction; each is called as step(module, datamodule, trainer)
     prepare = [build(s) for s in (cfg.method.get("prepare") or {}).values()]
@@ -255,12 +323,21 @@ def run(cfg: DictConfig) -> dict:
     if cfg.ckpt_path is None:  # a resumed run has done them: their effect is in the checkpoint
         for step in prepare:
             step(module, dm, trainer)
-    if cfg.method.get("train", True):
+    else:
+        log.info("resuming from %s; work that is not checkpointed mid-way (a search, BN re-estimation, "
+                 "export) is repeated from its start, with the same seed and result", cfg.ckpt_path)
+    trains = cfg.method.get("train", True)
+    if trains:
         trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path, weights_only=True)
+    elif cfg.ckpt_path is not None:  # no fit to restore it: the prepared weights and masks come from the file
+        state = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=True)["state_dict"]
+        module.load_state_dict(state)
+        module.masks.bind(module.model)
     wall = time.time() - t_fit
     pruned_metrics = _test(trainer, module, dm)
-    if not cfg.method.get("train", True):
-        trainer.save_checkpoint(out_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    if not trains and cfg.ckpt_path is None:
+        (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        save_checkpoint_atomic(trainer, out_dir / "checkpoints" / "last.ckpt")
     digests = mask_digests(module.masks)
     if not trainer.is_global_zero:
         return {}

@@ -1,4 +1,5 @@
 """Pruning paradigms as Lightning callbacks; they call `prune_lab.sparsity` and never each other."""
+from prune_lab.callbacks.checkpoint import ResumableCheckpoint
 from prune_lab.callbacks.distillation import Distillation
 from prune_lab.callbacks.post_training import LayerwiseReconstruction, OneShotMagnitude, RecalibrateBN
 from prune_lab.callbacks.pruning import BNScalePenalty, MaskUpdate
@@ -8,4 +9,5 @@ from prune_lab.callbacks.rng import RNGState
 from prune_lab.callbacks.search import LayerSparsitySearch
 
 __all__ = ["BNScalePenalty", "Distillation", "DynamicSparsity", "LayerSparsitySearch", "LayerwiseReconstruction",
-           "LinearExpansion", "MaskUpdate", "OneShotMagnitude", "RNGState", "RecalibrateBN", "Regrowth"]
+           "LinearExpansion", "MaskUpdate", "OneShotMagnitude", "RNGState", "RecalibrateBN", "Regrowth",
+           "ResumableCheckpoint"]

@@ -45,6 +45,11 @@ class Regrowth(L.Callback):
         self.step = 0
         self.rank_checks = 0
 
+    def check_schedule(self, total_steps: int, steps_per_epoch: int) -> None:
+        """Called by the pipeline before training: the policy's own `check_schedule`, if any."""
+        if hasattr(self.policy, "check_schedule"):
+            self.policy.check_schedule(total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+
     def on_fit_start(self, trainer, pl_module):
         if trainer.accumulate_grad_batches != 1:
             raise PruneLabError(f"trainer.accumulate_grad_batches={trainer.accumulate_grad_batches} is not supported "

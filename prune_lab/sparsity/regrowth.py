@@ -131,6 +131,11 @@ class DropGrow(RegrowthPolicy):
         self.last_update_step = -1
         self.updates = 0
 
+    def check_schedule(self, total_steps: int, steps_per_epoch: int) -> None:
+        """SET/RigL: at least one drop-and-grow update before `stop` in a run of `total_steps`."""
+        if hasattr(self.schedule, "check"):
+            self.schedule.check(total_steps)
+
     @torch.no_grad()
     def after_backward(self, step, total_steps, optimizers):
         if step == self.last_update_step or not self.schedule.is_update(step, total_steps):
