@@ -94,7 +94,7 @@ def check_forward(cfg, dm, model, example) -> None:
     except Exception as e:  # any failure here is a model/input mismatch the user must resolve
         detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         shape = "x".join(str(d) for d in example.shape[1:])
-        raise PruneLabError(f"model {cfg.model.name} cannot run on {dm.name}'s {shape} input ({detail}); "
+        raise PruneLabError(f"model {cfg.model.name} cannot run on {dm.name} inputs of shape {shape} ({detail}); "
                             f"choose a model made for {example.shape[-1]} px images or a larger data.image_size") from None
     finally:
         model.train(was_training)
