@@ -266,6 +266,9 @@ def run_job(cfg: DictConfig) -> dict | None:
             broken = last.with_name(f"last.ckpt.broken-{int(time.time())}")
             log.warning("%s is unreadable; kept as %s, starting the job over", last, broken.name)
             os.replace(last, broken)
+    elif cfg.ckpt_path is None and (out / "train.log").is_file() and (out / "train.log").stat().st_size > 0:
+        log.info("restarting the unfinished job in %s from its start (it stopped before its first checkpoint); "
+                 "a search in it is repeated with the same seed and result", out)
     multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     if not multirun:
         return run(cfg)

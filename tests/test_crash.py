@@ -138,9 +138,18 @@ def _crash_test(family: str, tmp_path: Path, kills: int = 3, seed: int = 0) -> N
         shutil.copytree(tmp_path / "dense_ref", dense)
         [meta] = dense.glob("*/dense.json")
         work_s -= json.loads(meta.read_text())["train_wall_s"]
-    landed = killed_and_resumed(args, crash, dense, work_s, kills, seed)
+    # on a loaded machine a run may go faster than its reference: draw again on a shorter time
+    # scale until a kill lands before the run finished
+    for attempt in range(3):
+        shutil.rmtree(crash, ignore_errors=True)
+        crash.with_suffix(".log").unlink(missing_ok=True)
+        if own_dense:
+            shutil.rmtree(dense, ignore_errors=True)
+        landed = killed_and_resumed(args, crash, dense, work_s / 2 ** attempt, kills, seed + attempt)
+        if any("(finished)" not in ln for ln in landed):
+            break
     print(f"\n{family}: uninterrupted {work_s:.1f}s of work; killed at " + " | ".join(landed))
-    assert landed, "no kill landed: the run finished before the first moment drawn"
+    assert any("(finished)" not in ln for ln in landed), "no kill landed before the run finished"
     assert_same_run(ref, crash)
     if any("checkpoint on disk" in ln for ln in landed):  # it resumed, not started over
         assert "resuming" in crash.with_suffix(".log").read_text()
