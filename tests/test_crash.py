@@ -121,8 +121,9 @@ FAMILIES = {
              "method.explore_steps=3"], False),
     "unipts": (["method=unipts", "budget=0.8", "epochs=2", "method.population=6", "method.generations=4",
                 "method.parents=3"], False),
-    "stp": (["method=stp", "budget=0.5", "epochs=3", "method.pool_size=200", "method.search_population=12",
-             "method.search_generations=4", "method.search_parents=4", "method.bn_images=256"], False),
+    "stp": (["method=stp", "budget=0.5", "epochs=3", *(f"method.callbacks.stp.{k}" for k in (
+        "pool_size=200", "search_population=12", "search_generations=4", "search_parents=4", "bn_images=256"))],
+        False),
     "overparam": (["method=overparam", "budget=0.5", "epochs=3", "method.ratio=2"], False),
 }
 CI = {"magnitude", "rigl"}
