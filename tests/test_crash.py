@@ -8,7 +8,7 @@ training, the method's training, a search, BN re-estimation or export. Where the
 is shared with the uninterrupted run (a copy of its cache), the kills land in the method's phases.
 
 Wall time per family (`pytest -m slow tests/test_crash.py --durations=0`, this 2-core box shared
-with other jobs, load average 7-11): magnitude 418 s, gmp 338 s, rigl 525 s, iee 243 s,
+with other jobs, load average 7-11): magnitude 418 s, gmp 268 s, rigl 525 s, iee 243 s,
 unipts 297 s, stp 172 s, overparam 162 s; most of it is train.py's start-up (about 20 s a process
 under that load), five to eight processes per test. The fast tests at the end take about 25 s together.
 """
