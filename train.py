@@ -4,7 +4,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from prune_lab.cli import check_overrides, set_sweep_id
+from prune_lab.cli import check_overrides, continue_unfinished_run, set_sweep_id
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -22,4 +22,5 @@ def main(cfg: DictConfig) -> None:
 if __name__ == "__main__":
     check_overrides(sys.argv[1:])
     set_sweep_id(sys.argv[1:])
+    continue_unfinished_run(sys.argv[1:])
     main()

@@ -5,6 +5,8 @@
 - A sweep's directory is named after its command, not the clock, so re-running the same
   command after a crash finds the jobs it already finished (`outputs/sweeps/<id>/`). The id
   travels in an environment variable, which DDP children, submitit and SLURM jobs inherit.
+- A single run's directory is named after the clock; re-running the same command while its
+  newest run is unfinished (a checkpoint, no results.json) continues that run in its directory.
 """
 from __future__ import annotations
 
@@ -54,3 +56,30 @@ def sweep_id(argv: list[str]) -> str:
 
 def set_sweep_id(argv: list[str]) -> None:
     os.environ.setdefault(SWEEP_ENV, sweep_id(argv))
+
+
+def unfinished_run_dir(argv: list[str], runs: Path = Path("outputs/runs")) -> Path | None:
+    """The newest run directory of this same command (same overrides, any order) that left a
+    checkpoint but no results.json; None for sweeps and runs given their own `hydra.run.dir`."""
+    if any(a in ("-m", "--multirun") for a in argv) or any(a.startswith("hydra.run.dir=") for a in argv):
+        return None
+    import yaml
+
+    me, found = sweep_id(argv), []
+    for overrides in runs.glob("*/*/.hydra/overrides.yaml"):
+        run = overrides.parent.parent
+        if (run / "results.json").exists() or not (run / "checkpoints" / "last.ckpt").is_file():
+            continue
+        try:
+            if sweep_id(list(yaml.safe_load(overrides.read_text()) or [])) == me:
+                found.append(run)
+        except (OSError, yaml.YAMLError, TypeError):
+            continue
+    return max(found, key=lambda r: (r / "checkpoints" / "last.ckpt").stat().st_mtime) if found else None
+
+
+def continue_unfinished_run(argv: list[str]) -> None:
+    """Point Hydra at the unfinished run of this command, if any (appends `hydra.run.dir=`)."""
+    run = unfinished_run_dir(argv)
+    if run is not None:
+        sys.argv.append(f"hydra.run.dir={run}")

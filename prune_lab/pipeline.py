@@ -19,10 +19,14 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 
 from prune_lab import export, report
+from prune_lab.checks import (check_checkpoint, check_forward, check_schedules, check_structured,  # noqa: F401
+                              run_length, validate)
+from prune_lab.callbacks import ResumableCheckpoint, RNGState
+from prune_lab.callbacks.checkpoint import save_checkpoint_atomic
 from prune_lab.errors import PruneLabError
 from prune_lab.loggers import prepare_wandb, publish
 from prune_lab.module import PruneLabModule
-from prune_lab.sparsity import ChannelGroups, latency_ms
+from prune_lab.sparsity import latency_ms
 
 log = logging.getLogger("prune_lab")
 
@@ -53,63 +57,6 @@ def build(node, **kwargs):
         if cause is not None:
             raise cause from None
         raise PruneLabError(str(e).splitlines()[0]) from e
-
-
-# -- validation: everything here runs before anything is written ----------------------------
-def validate(cfg: DictConfig) -> None:
-    b = cfg.budget
-    if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0.0 <= float(b) < 1.0:
-        raise PruneLabError(f"budget={b} is outside [0, 1): it is the fraction of the method's target removed")
-    if cfg.method.target not in ("params", "flops"):
-        raise PruneLabError(f"method.target={cfg.method.target} is not one of: params, flops")
-    if cfg.ckpt_path is not None:
-        check_checkpoint(Path(cfg.ckpt_path))
-
-
-def check_checkpoint(path: Path) -> None:
-    if not path.is_file():
-        raise PruneLabError(f"ckpt_path={path} does not exist; pass a run's checkpoints/last.ckpt")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise PruneLabError(f"ckpt_path={path} is not a readable checkpoint ({type(e).__name__}); "
-                            "pass a run's checkpoints/last.ckpt") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise PruneLabError(f"ckpt_path={path} is not a prune_lab checkpoint (no state_dict)")
-
-
-def check_structured(cfg, model, example) -> None:
-    if cfg.method.target != "flops":
-        return
-    from prune_lab.models import classifier_of
-
-    groups = ChannelGroups(model, example, ignored=[classifier_of(model)[1]])
-    if len(groups) == 0:
-        raise PruneLabError(f"method {cfg.method.name} prunes channels, but model {cfg.model.name} has no "
-                            "prunable channel groups; use an unstructured method (magnitude, gmp, random)")
-
-
-def planned_steps(cfg: DictConfig, dm) -> int:
-    """Optimizer steps the method's fit will take, from the trainer and data configs (what
-    Lightning's `estimated_stepping_batches` will say), for checks before anything runs."""
-    trainer = cfg.trainer
-    devices = trainer.get("devices", 1)
-    world = (int(devices) if str(devices).isdigit() else 1) * int(trainer.get("num_nodes", 1) or 1)
-    if dm.train_set is None:
-        if int(os.environ.get("LOCAL_RANK", 0)) == 0:
-            dm.prepare_data()
-        dm.setup("fit")
-    per_rank = -(-len(dm.train_set) // world)  # DistributedSampler pads to equal shards
-    per_device = dm.per_device_batch_size(world)
-    drop_last = per_rank > per_device and per_rank % per_device == 1  # as the train loader decides
-    batches = per_rank // per_device if drop_last else -(-per_rank // per_device)
-    limit = trainer.get("limit_train_batches")
-    if limit is not None:
-        batches = min(batches, int(limit)) if isinstance(limit, int) and not isinstance(limit, bool) \
-            else int(batches * float(limit))
-    steps = batches * int(trainer.max_epochs) // int(trainer.get("accumulate_grad_batches", 1) or 1)
-    max_steps = int(trainer.get("max_steps", -1) or -1)
-    return max(min(steps, max_steps) if max_steps > 0 else steps, 1)
 
 
 def merge_reports(results: dict, reports: list[dict]) -> None:
@@ -167,11 +114,25 @@ def dense_reference(cfg: DictConfig, dm, model: torch.nn.Module, example: torch.
     module = PruneLabModule(dense_model, dm.num_classes, example, optimizer, build(cfg.module.scheduler),
                             cfg.module.get("label_smoothing", 0.0), cfg.module.get("channels_last", False))
     tmp = cache.with_name(f".{cache.name}.tmp{os.getpid()}")
-    trainer = build(cfg.trainer, max_epochs=cfg.dense.epochs, logger=False, enable_checkpointing=False,
-                    callbacks=[build({"_target_": "lightning.pytorch.callbacks.RichProgressBar", "leave": False})],
+    # its own resumable checkpoint, keyed like the cache: a killed dense training resumes (sweep
+    # jobs training the same model share it; they follow the same trajectory)
+    partial = cache.with_name(f".{cache.name}.partial")
+    resume = partial / "last.ckpt"
+    if resume.is_file():
+        try:
+            check_checkpoint(resume)
+            log.info("dense reference: resuming its unfinished training from %s", resume)
+        except PruneLabError:
+            log.warning("dense reference: %s is unreadable; training it from the start", resume)
+            resume.unlink(missing_ok=True)
+    checkpoint = ResumableCheckpoint(dirpath=str(partial), every_n_steps=cfg.checkpoint.get("every_n_steps"),
+                                     every_minutes=cfg.checkpoint.get("every_minutes"))
+    trainer = build(cfg.trainer, max_epochs=cfg.dense.epochs, logger=False,
+                    callbacks=[checkpoint, RNGState(),
+                               build({"_target_": "lightning.pytorch.callbacks.RichProgressBar", "leave": False})],
                     default_root_dir=str(tmp))
     t0 = time.time()
-    trainer.fit(module, datamodule=dm)
+    trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume.is_file() else None, weights_only=True)
     metrics = _test(trainer, module, dm)
     metrics.update(report.model_costs(dense_model.cpu(), example.cpu()))
     metrics.update({"train_wall_s": time.time() - t0, "key": cache.name})
@@ -185,6 +146,7 @@ def dense_reference(cfg: DictConfig, dm, model: torch.nn.Module, example: torch.
         os.replace(tmp, cache)  # atomic: concurrent sweep jobs never see a half-written cache
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)  # another job finished first; its copy is equivalent
+    shutil.rmtree(partial, ignore_errors=True)
     return {"state_dict": dense_model.state_dict(), **metrics}
 
 
@@ -237,6 +199,9 @@ def run_job(cfg: DictConfig) -> dict | None:
             broken = last.with_name(f"last.ckpt.broken-{int(time.time())}")
             log.warning("%s is unreadable; kept as %s, starting the job over", last, broken.name)
             os.replace(last, broken)
+    elif cfg.ckpt_path is None and (out / "train.log").is_file() and (out / "train.log").stat().st_size > 0:
+        log.info("restarting the unfinished job in %s from its start (it stopped before its first checkpoint); "
+                 "a search in it is repeated with the same seed and result", out)
     multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     if not multirun:
         return run(cfg)
@@ -264,16 +229,13 @@ def run(cfg: DictConfig) -> dict:
     model = build(cfg.model, num_classes=dm.num_classes, in_channels=dm.channels,
                   weights=None if weights == "auto" else weights)
     example = dm.example_input(1)
+    check_forward(cfg, dm, model, example)
     check_structured(cfg, model, example)
     callbacks = [build(c) for c in cfg.method.get("callbacks", {}).values()]
     for cb in callbacks:  # method-specific requirements on the model, before anything is written
         if hasattr(cb, "check"):
             cb.check(model, example)
-    if cfg.method.get("train", True) and any(hasattr(cb, "check_steps") for cb in callbacks):
-        total = planned_steps(cfg, dm)  # schedules that depend on the run length
-        for cb in callbacks:
-            if hasattr(cb, "check_steps"):
-                cb.check_steps(total)
+    check_schedules(cfg, dm, callbacks)
     # steps a method takes once before training, or instead of it (train: false): one-shot pruning,
     # BN re-estimation, layer-wise reconstruction; each is called as step(module, datamodule, trainer)
     prepare = [build(s) for s in (cfg.method.get("prepare") or {}).values()]
@@ -297,14 +259,23 @@ def run(cfg: DictConfig) -> dict:
     if cfg.ckpt_path is None:  # a resumed run has done them: their effect is in the checkpoint
         for step in prepare:
             step(module, dm, trainer)
-    if cfg.method.get("train", True):
+    else:
+        log.info("resuming from %s; work that is not checkpointed mid-way (a search, BN re-estimation, "
+                 "export) is repeated from its start, with the same seed and result", cfg.ckpt_path)
+    trains = cfg.method.get("train", True)
+    if trains:
         trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path, weights_only=True)
+    elif cfg.ckpt_path is not None:  # no fit to restore it: the prepared weights and masks come from the file
+        state = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=True)["state_dict"]
+        module.load_state_dict(state)
+        module.masks.bind(module.model)
     wall = time.time() - t_fit
     pruned_metrics = _test(trainer, module, dm)
     if "top1" not in dense:  # a dense model given by file: tested now, after everything the method chose
         dense.update(_evaluate(cfg, dm, copy.deepcopy(dense_model), example))
-    if not cfg.method.get("train", True):
-        trainer.save_checkpoint(out_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    if not trains and cfg.ckpt_path is None:
+        (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        save_checkpoint_atomic(trainer, out_dir / "checkpoints" / "last.ckpt")
     digests = mask_digests(module.masks)
     if not trainer.is_global_zero:
         return {}

@@ -10,7 +10,7 @@ import torch
 from conftest import FAST, compose_cfg
 from prune_lab.callbacks import MaskUpdate
 from prune_lab.models import create_model
-from prune_lab.pipeline import build, planned_steps
+from prune_lab.pipeline import build, run_length
 from prune_lab.sparsity import MaskSet, OneShot
 from prune_lab.sparsity.cost import TrainingCost, weight_macs
 from prune_lab.sparsity.importance import Random
@@ -61,6 +61,6 @@ def test_planned_steps_equal_the_loaders_count(extra, tmp_path, dense_dir):
     fast config: 1078 training images at batch 64 = 17 steps per epoch)."""
     cfg = compose_cfg([*FAST, "method=static_erk", *extra], tmp_path / "run", dense_dir)
     dm = build(cfg.data)
-    planned = planned_steps(cfg, dm)
+    planned = run_length(cfg, dm)[1]
     expected = len(dm.train_dataloader()) * cfg.epochs
     assert planned == (min(expected, 20) if "+trainer.max_steps=20" in extra else expected)

@@ -227,7 +227,7 @@ def test_iee_timeline():
     no_explore = iee(explore=False)  # the Q steps train the active part
     assert [no_explore.phase(t, STEPS) for t in range(9)] == ["estimate"] * 3 + ["improve"] * 6
     with pytest.raises(PruneLabError, match="450 steps.*34 steps"):
-        iee(estimate_steps=150, improve_steps=150, explore_steps=150).check_steps(STEPS)
+        iee(estimate_steps=150, improve_steps=150, explore_steps=150).check_schedule(STEPS)
     with pytest.raises(PruneLabError, match="method.cycles=10 .* 34 steps"):
         IEE().before_forward(0, STEPS, [])  # 10 cycles of 3 steps need 30 steps before 0.75 · 34
 

@@ -1,4 +1,5 @@
 """Pruning paradigms as Lightning callbacks; they call `prune_lab.sparsity` and never each other."""
+from prune_lab.callbacks.checkpoint import ResumableCheckpoint
 from prune_lab.callbacks.cost import TrainCost
 from prune_lab.callbacks.distillation import Distillation
 from prune_lab.callbacks.post_training import LayerwiseReconstruction, OneShotMagnitude, RecalibrateBN
@@ -10,4 +11,4 @@ from prune_lab.callbacks.search import LayerSparsitySearch
 
 __all__ = ["BNScalePenalty", "Distillation", "DynamicSparsity", "LayerSparsitySearch", "LayerwiseReconstruction",
            "LinearExpansion", "MaskUpdate", "OneShotMagnitude", "RNGState", "RecalibrateBN", "Regrowth",
-           "TrainCost"]
+           "ResumableCheckpoint", "TrainCost"]

@@ -80,6 +80,11 @@ class MaskUpdate(L.Callback):
     def structured(self) -> bool:
         return self.target == "flops"
 
+    def check_schedule(self, total_steps: int, steps_per_epoch: int) -> None:
+        """Called by the pipeline before training with the run's length (optimizer steps)."""
+        if hasattr(self.schedule, "check"):
+            self.schedule.check(total_steps)
+
     # -- Lightning hooks ----------------------------------------------------------------
     def setup(self, trainer, pl_module, stage):
         if stage == "fit" and self.shrink_at_start:

@@ -56,9 +56,10 @@ class Regrowth(L.Callback):
         self.updates: dict[str, torch.Tensor] | None = None  # optimizer updates per prunable weight entry
         self._resumed: dict | None = None
 
-    def check_steps(self, total_steps: int) -> None:
-        """Before anything runs: refuse a schedule that cannot work in `total_steps` steps."""
-        self.policy.check_steps(total_steps)
+    def check_schedule(self, total_steps: int, steps_per_epoch: int) -> None:
+        """Called by the pipeline before training: the policy's own `check_schedule`, if any."""
+        if hasattr(self.policy, "check_schedule"):
+            self.policy.check_schedule(total_steps=total_steps, steps_per_epoch=steps_per_epoch)
 
     def on_fit_start(self, trainer, pl_module):
         if trainer.accumulate_grad_batches != 1:

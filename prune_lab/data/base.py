@@ -84,6 +84,60 @@ def stratified_split(labels, holdout: int, seed: int) -> tuple[torch.Tensor, tor
     return torch.as_tensor(sorted(rest), dtype=torch.long), torch.as_tensor(sorted(held), dtype=torch.long)
 
 
+class ResumableLoader(DataLoader):
+    """The training DataLoader, resumable mid-epoch (Lightning's stateful-loader protocol).
+
+    `state_dict()` records the sampler's epoch and how many batches of it were served. The data
+    module stores it in every checkpoint and gives it back to the first training loader it makes
+    on resume (Lightning builds the loader, and an iterator of it, before it restores its loops,
+    so its own stateful-loader hand-over comes too late): that loader's iterator then starts after
+    the batches already trained on, with the same per-epoch order (the sampler draws it from
+    `(seed, epoch)`), without loading the skipped ones. Creating the iterator of a resumed epoch
+    leaves the global torch RNG as it was: in the uninterrupted run that draw (DataLoader's base
+    seed) happened at the start of the epoch, before the checkpoint.
+    Random augmentation inside worker processes (num_workers > 0) is not part of the state, so
+    a mid-epoch resume is exact when the workers draw no random numbers (digits, num_workers=0).
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.served = 0
+        self._resume: tuple[int, int] | None = None  # (epoch, batches already served)
+
+    def __iter__(self):
+        resume, self._resume = self._resume, None
+        if resume is None or resume[1] >= len(self):  # a fresh epoch (also after an epoch-end checkpoint)
+            return self._counted(super().__iter__(), 0)
+        return self._resumed(*resume)
+
+    def _resumed(self, epoch: int, skip: int):
+        # a generator: runs at the first next(), after Lightning set the sampler's epoch
+        if int(getattr(self.sampler, "epoch", 0)) != epoch:
+            raise RuntimeError(f"resuming epoch {epoch} of the training data, but the sampler is at epoch "
+                               f"{getattr(self.sampler, 'epoch', 0)}")
+        indices = list(iter(self.sampler))[skip * self.batch_size:]
+        rest = DataLoader(self.dataset, batch_size=self.batch_size, sampler=indices, drop_last=self.drop_last,
+                          num_workers=self.num_workers, pin_memory=self.pin_memory, collate_fn=self.collate_fn)
+        state = torch.get_rng_state()
+        iterator = iter(rest)
+        torch.set_rng_state(state)
+        yield from self._counted(iterator, skip)
+
+    def _counted(self, iterator, start: int):
+        self.served = start
+        for batch in iterator:
+            self.served += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": int(getattr(self.sampler, "epoch", 0)), "served": int(self.served)}
+
+    # Lightning's hand-over, when it happens before the iterator is made (reloaded loaders)
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume = (int(state["epoch"]), int(state["served"]))
+
+
 class ClassificationDataModule(L.LightningDataModule):
     """Train/val/test image classification data for one dataset.
 
@@ -134,6 +188,16 @@ class ClassificationDataModule(L.LightningDataModule):
         self.train_set: Optional[Dataset] = None
         self.val_set: Optional[Dataset] = None
         self.test_set: Optional[Dataset] = None
+        self._resume_loader: Optional[dict] = None
+
+    # position in the training epoch, kept in checkpoints (see ResumableLoader)
+    def state_dict(self) -> dict:
+        trainer = getattr(self, "trainer", None)
+        loader = trainer.train_dataloader if trainer is not None and trainer.state.fn == "fit" else None
+        return {"train_loader": loader.state_dict()} if isinstance(loader, ResumableLoader) else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume_loader = state.get("train_loader")
 
     @property
     def train_set(self) -> Optional[Dataset]:
@@ -192,9 +256,13 @@ class ClassificationDataModule(L.LightningDataModule):
         # ("Expected more than 1 value per channel"); drop it only then.
         per_device = self.per_device_batch_size(world_size)
         drop_last = len(sampler) > per_device and len(sampler) % per_device == 1
-        return DataLoader(
+        loader = ResumableLoader(
             dataset, batch_size=per_device, sampler=sampler, drop_last=drop_last, **self._loader_kwargs()
         )
+        if self._resume_loader is not None:  # the first loader after a restore is the trainer's
+            loader.load_state_dict(self._resume_loader)
+            self._resume_loader = None
+        return loader
 
     def per_device_batch_size(self, world_size: int) -> int:
         """`batch_size` is the global batch: learning rates and step counts then mean the same

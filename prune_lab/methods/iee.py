@@ -161,7 +161,7 @@ class IEE(RegrowthPolicy):
                                     "give method.cycles")
         self.resolved_for = total_steps
 
-    def check_steps(self, total_steps: int) -> None:
+    def check_schedule(self, total_steps: int, steps_per_epoch: int | None = None) -> None:
         self.resolve(total_steps)
 
     @property

@@ -105,7 +105,7 @@ class RegrowthPolicy:
         """Decision state beyond the MaskSet that every rank must hold identically."""
         return []
 
-    def check_steps(self, total_steps: int) -> None:
+    def check_schedule(self, total_steps: int, steps_per_epoch: int | None = None) -> None:
         """Raise PruneLabError (one line) when the policy cannot run in `total_steps` steps; called
         before anything is written."""
 
@@ -149,6 +149,11 @@ class DropGrow(RegrowthPolicy):
         self.grow, self.schedule, self.seed = grow, schedule or CosineDecay(), int(seed)
         self.last_update_step = -1
         self.updates = 0
+
+    def check_schedule(self, total_steps: int, steps_per_epoch: int | None = None) -> None:
+        """SET/RigL: at least one drop-and-grow update before `stop` in a run of `total_steps`."""
+        if hasattr(self.schedule, "check"):
+            self.schedule.check(total_steps)
 
     @torch.no_grad()
     def after_backward(self, step, total_steps, optimizers):

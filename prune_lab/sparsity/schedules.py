@@ -48,6 +48,20 @@ class Cubic:
         s, e = self._bounds(total_steps)
         return s <= step <= e and ((step - s) % self.every == 0 or step == e)
 
+    def check(self, total_steps: int) -> None:
+        """Refuse a ramp that does not fit a run of `total_steps` optimizer steps."""
+        start, end = float(self.start), float(self.end)
+        if not 0.0 <= start < end <= 1.0:
+            raise PruneLabError(f"GMP start={self.start}, end={self.end} (method.start, method.end): need "
+                                "0 <= start < end <= 1, fractions of training")
+        if int(self.every) < 1:
+            raise PruneLabError(f"GMP every={self.every} (method.every) must be a positive number of optimizer steps")
+        s, e = self._bounds(total_steps)
+        if e <= s:
+            raise PruneLabError(f"GMP ramp from start={self.start} to end={self.end} of this run's {total_steps} "
+                                f"optimizer steps is empty (step {s} to {e}); widen method.start..method.end "
+                                "or train more epochs")
+
     def fraction(self, step: int, total_steps: int) -> float:
         s, e = self._bounds(total_steps)
         if e == s:  # no room for a ramp: prune to the full budget at s
@@ -80,6 +94,14 @@ class _Decay:
 
     def is_update(self, step: int, total_steps: int) -> bool:
         return 0 < step < self.end_step(total_steps) and step % self.every == 0
+
+    def check(self, total_steps: int) -> None:
+        """Refuse a schedule with no update in a run of `total_steps` optimizer steps."""
+        end_step = self.end_step(total_steps)
+        if int(self.every) >= end_step:
+            raise PruneLabError(f"mask updates every {self.every} optimizer steps (method.every) until stop={self.end} "
+                                f"of training (step {end_step} of this run's {total_steps}) never happen; set "
+                                f"method.every below {end_step}, a later method.stop or more epochs")
 
     def progress(self, step: int, total_steps: int) -> float:
         return min(max(step / self.end_step(total_steps), 0.0), 1.0)
