@@ -131,7 +131,7 @@ FAMILIES = {
         False),
     "overparam": (["method=overparam", "budget=0.5", "epochs=3", "method.ratio=2"], False),
 }
-CI = {"magnitude", "rigl"}
+CI = {"rigl"}  # one representative in CI (mid-training kills with checkpoints); the others: make test-slow
 
 
 def _crash_test(family: str, tmp_path: Path, kills: int = 3, seed: int = 0) -> None:
