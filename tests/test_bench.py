@@ -49,6 +49,7 @@ def test_step_driver_keeps_exact_sparsity_through_rigl_updates():
         assert int(params[n].count_nonzero()) <= before[n]
 
 
+@pytest.mark.slow  # trimmed from the default suite (make test-slow runs it)
 def test_realized_speedup_compares_equal_flops_and_reports_consistent_ratios():
     torch.manual_seed(0)
     out = realized_speedup(0.85, batches=(2,), size=64, repeats=1, round_to=32, device="cpu")

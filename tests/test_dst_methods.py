@@ -42,7 +42,8 @@ def regrowth_state(ckpt_path):
     return ckpt, (states[0] if states else None)
 
 
-@pytest.mark.parametrize("method", list(DST))
+@pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.slow) if m in ("static_erk", "set", "rigl") else m
+                                    for m in DST])  # two in the default suite, all in make test-slow
 def test_dst_method_writes_a_complete_run_at_the_budget(method, tmp_path, dense_dir):
     budget = 0.5 if method == "iee_channels" else 0.9
     results, out = run_fast(tmp_path, dense_dir, f"method={method}", f"budget={budget}", *DST[method])
@@ -159,8 +160,7 @@ def ddp_overrides() -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.ci
-@pytest.mark.parametrize("method,updates", [("rigl", 5), ("set", 5), ("iee", 9)])
+@pytest.mark.parametrize("method,updates", [("rigl", 5), ("set", 5), pytest.param("iee", 9, marks=pytest.mark.ci)])
 def test_two_process_ddp_takes_identical_mask_decisions(method, updates, tmp_path):
     """Two CPU processes (gloo), each on half of every batch. After every structural update the
     Regrowth callback all-reduces a digest of the masks (and IEE's Θ_K) and fails the run if the

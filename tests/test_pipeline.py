@@ -97,18 +97,19 @@ def test_resume_mid_run_equals_uninterrupted(layout, tmp_path, dense_dir):
     assert abs(zero_fraction(sa) - 0.8) <= 0.005
 
 
+_SLOW = pytest.mark.slow  # each case starts train.py (seconds of imports): two stay in the default suite
 BAD = [
     (["budget=1.2"], ["budget=1.2", "[0, 1)"]),
     (["method=magnitdue"], ["magnitdue", "magnitude", "l1_filter"]),
-    (["model.name=resnt20", "model=resnet20"], ["resnt20", "resnet20"]),
-    (["method=l1_filter", "model=logreg"], ["l1_filter", "logreg"]),
-    (["model.weights=/nonexistent/dense.safetensors"], ["/nonexistent/dense.safetensors"]),
+    pytest.param(["model.name=resnt20", "model=resnet20"], ["resnt20", "resnet20"], marks=_SLOW),
+    pytest.param(["method=l1_filter", "model=logreg"], ["l1_filter", "logreg"], marks=_SLOW),
+    pytest.param(["model.weights=/nonexistent/dense.safetensors"], ["/nonexistent/dense.safetensors"], marks=_SLOW),
     (["method.distribution=gaussian"], ["gaussian", "uniform", "erk"]),
-    (["method=stp", "model=vgg16"], ["not supported by stp", "ResNet"]),
+    pytest.param(["method=stp", "model=vgg16"], ["not supported by stp", "ResNet"], marks=_SLOW),
 ]
 
 
-@pytest.mark.parametrize("args,words", BAD, ids=[b[0][0] for b in BAD])
+@pytest.mark.parametrize("args,words", BAD, ids=[(b.values if hasattr(b, "values") else b)[0][0] for b in BAD])
 def test_bad_input_is_one_clear_line(args, words, tmp_path):
     run_dir = tmp_path / "run"
     proc = run_cli(["experiment=quickstart", "method=magnitude", f"hydra.run.dir={run_dir}",
@@ -124,6 +125,7 @@ def test_bad_input_is_one_clear_line(args, words, tmp_path):
     assert not (tmp_path / "dense").exists()
 
 
+@pytest.mark.slow  # trimmed from the default suite (make test-slow runs it)
 def test_corrupt_checkpoint_is_refused_before_training(tmp_path):
     bad = tmp_path / "last.ckpt"
     bad.write_bytes(b"not a checkpoint")
@@ -132,6 +134,7 @@ def test_corrupt_checkpoint_is_refused_before_training(tmp_path):
     assert str(bad) in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow  # trimmed from the default suite (make test-slow runs it)
 def test_cifar_offline_names_folder_and_archive(tmp_path):
     root = tmp_path / "cifar"
     proc = run_cli(["method=l1_filter", "budget=0.5", f"data.root={root}", f"hydra.run.dir={tmp_path / 'run'}"])
@@ -141,7 +144,6 @@ def test_cifar_offline_names_folder_and_archive(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.ci
 def test_quickstart_as_documented_learns(tmp_path):
     """The README's quick-start command, unchanged: the dense ResNet learns digits (> 0.95)."""
     proc = run_cli(["experiment=quickstart", "method=magnitude", "budget=0.9", f"hydra.run.dir={tmp_path / 'run'}",

@@ -36,6 +36,7 @@ def test_sweep_id_names_the_command_not_the_clock():
     assert a.startswith("quickstart-")
 
 
+@pytest.mark.slow  # trimmed from the default suite (make test-slow runs it)
 def test_rerunning_a_sweep_completes_only_missing_jobs(tmp_path):
     cmd = ["-m", *QUICK, "method=magnitude,random", "budget=0.5,0.8"]
     first = train(cmd, tmp_path)
@@ -118,6 +119,7 @@ def test_a_failing_sweep_job_is_recorded_and_the_sweep_goes_on(tmp_path, monkeyp
     assert pipeline.run_job(cfg) == {"done": True}
 
 
+@pytest.mark.slow  # trimmed from the default suite (make test-slow runs it)
 def test_wandb_offline_run_holds_the_summary(tmp_path):
     env = {"HOME": str(tmp_path / "home"), "WANDB_API_KEY": ""}
     proc = train([*QUICK, "logger=csv_wandb", "method=magnitude", "budget=0.8", f"hydra.run.dir={tmp_path / 'run'}"],
@@ -133,7 +135,6 @@ def test_wandb_offline_run_holds_the_summary(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.ci
 def test_two_process_ddp_masks_identical(tmp_path):
     proc = train([*QUICK, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "method=gmp", "budget=0.8",
                   "method.every=3", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
@@ -149,7 +150,6 @@ def test_two_process_ddp_masks_identical(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.ci
 def test_submitit_local_runs_a_job_end_to_end(tmp_path):
     proc = train(["-m", "hydra/launcher=local", *QUICK, "method=magnitude", "budget=0.5"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
