@@ -21,40 +21,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from prune_lab.callbacks import MaskUpdate, Regrowth  # noqa: E402
 from prune_lab.data import DigitsDataModule  # noqa: E402
 from prune_lab.methods.iee import IEE  # noqa: E402
+from prune_lab.methods.iee_probe import GrowLoss  # noqa: E402
 from prune_lab.models import create_model  # noqa: E402
 from prune_lab.module import PruneLabModule  # noqa: E402
 from prune_lab.sparsity import OneShot  # noqa: E402
 from prune_lab.sparsity.importance import Random  # noqa: E402
-
-
-class GrowLoss(L.Callback):
-    def __init__(self, policy, batches):
-        self.policy, self.batches, self.rows, self.prev = policy, batches, [], None
-
-    def _loss(self, model):
-        model.eval()
-        with torch.no_grad():
-            loss = sum(torch.nn.functional.cross_entropy(model(x), y).item() for x, y in self.batches)
-        model.train()
-        return loss / len(self.batches)
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        p, t = self.policy, trainer.global_step
-        keep = None if p.keep is None else {k: v.clone() for k, v in p.keep.items()}
-        if self.prev is not None and t > 0 and t % p.cycle == 0 and t // p.cycle <= p.n:
-            params = dict(pl_module.model.named_parameters())
-            grown = {n: keep[n] & ~self.prev[n] for n in keep}
-            values = {n: params[n].detach().clone() for n in grown}
-            with_values = self._loss(pl_module.model)
-            with torch.no_grad():
-                for n, g in grown.items():
-                    params[n].masked_fill_(g, 0.0)
-            at_zero = self._loss(pl_module.model)
-            with torch.no_grad():
-                for n, v in values.items():
-                    params[n].copy_(v)
-            self.rows.append((t, round(with_values, 4), round(at_zero, 4)))
-        self.prev = keep
 
 
 def probe(budget, epochs, steps, grow_values, mru, seed):

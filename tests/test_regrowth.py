@@ -12,6 +12,7 @@ import torch
 from prune_lab.callbacks import MaskUpdate, Regrowth
 from prune_lab.data import DigitsDataModule
 from prune_lab.errors import PruneLabError
+from prune_lab.methods.iee_probe import GrowLoss
 from prune_lab.methods.iee import IEE
 from prune_lab.models import create_model
 from prune_lab.module import PruneLabModule
@@ -385,38 +386,6 @@ def test_iee_exploration_leaves_bn_statistics_and_validation_scores_the_masked_n
         assert bool((probe.start[17]["params"][n][~k] != 0).any())
 
 
-class GrowLoss(L.Callback):
-    """At each grow, the mean training loss over fixed batches with the grown units at the values
-    the policy gave them, and with the same units at zero (BN in eval mode: nothing moves)."""
-
-    def __init__(self, policy, batches):
-        self.policy, self.batches, self.rows, self.prev = policy, batches, [], None
-
-    def _loss(self, model):
-        model.eval()
-        with torch.no_grad():
-            loss = sum(torch.nn.functional.cross_entropy(model(x), y).item() for x, y in self.batches)
-        model.train()
-        return loss / len(self.batches)
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        keep = None if self.policy.keep is None else {k: v.clone() for k, v in self.policy.keep.items()}
-        if trainer.global_step in GROW:
-            params = dict(pl_module.model.named_parameters())
-            grown = {n: keep[n] & ~self.prev[n] for n in keep}
-            values = {n: params[n].detach().clone() for n in grown}
-            with_values = self._loss(pl_module.model)
-            with torch.no_grad():
-                for n, g in grown.items():
-                    params[n].masked_fill_(g, 0.0)
-            at_zero = self._loss(pl_module.model)
-            with torch.no_grad():
-                for n, v in values.items():
-                    params[n].copy_(v)
-            self.rows.append((with_values, at_zero))
-        self.prev = keep
-
-
 @pytest.mark.parametrize("seed", [0, 1])
 def test_iee_growing_does_not_raise_the_training_loss(seed):
     """The property IEE rests on, for the default (last-active values): inserting the grown units
@@ -430,9 +399,9 @@ def test_iee_growing_does_not_raise_the_training_loss(seed):
     policy = iee()
     meter = GrowLoss(policy, batches)
     fit(policy, seed=seed, extra=[meter])
-    assert len(meter.rows) == len(GROW)
-    with_values = sum(r[0] for r in meter.rows) / len(meter.rows)
-    at_zero = sum(r[1] for r in meter.rows) / len(meter.rows)
+    assert [r[0] for r in meter.rows] == list(GROW)
+    with_values = sum(r[1] for r in meter.rows) / len(meter.rows)
+    at_zero = sum(r[2] for r in meter.rows) / len(meter.rows)
     assert with_values <= at_zero + 1e-3, meter.rows
 
 
