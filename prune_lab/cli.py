@@ -26,19 +26,27 @@ def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
+def unknown_option(arg: str) -> str | None:
+    """The one-line complaint about `group=value` naming no config in that group, or None."""
+    if arg.startswith("-") or "=" not in arg:
+        return None
+    key, value = arg.split("=", 1)
+    key = key.lstrip("+~")
+    if "." in key or "/" in key or key == "hydra" or not (CONF / key).is_dir():
+        return None
+    options = group_options(key)
+    for v in value.split(","):  # multirun lists: method=a,b
+        if v and v != "null" and v not in options:
+            return f"unknown {key} '{v}'; choose one of: {', '.join(options)}"
+    return None
+
+
 def check_overrides(argv: list[str]) -> None:
     for arg in argv:
-        if arg.startswith("-") or "=" not in arg:
-            continue
-        key, value = arg.split("=", 1)
-        key = key.lstrip("+~")
-        if "." in key or "/" in key or key == "hydra" or not (CONF / key).is_dir():
-            continue
-        options = group_options(key)
-        for v in value.split(","):  # multirun lists: method=a,b
-            if v and v != "null" and v not in options:
-                print(f"error: unknown {key} '{v}'; choose one of: {', '.join(options)}", file=sys.stderr)
-                sys.exit(2)
+        problem = unknown_option(arg)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            sys.exit(2)
 
 
 def sweep_id(argv: list[str]) -> str:

@@ -140,15 +140,13 @@ def check_overrides(study: Study) -> None:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from prune_lab.cli import group_options
+    from prune_lab.cli import unknown_option
 
     for variant, overrides in study.variants.items():
         for o in [*study.base, *overrides]:  # one line for an unknown group option, as train.py says it
-            key, _, value = o.partition("=")
-            key = key.lstrip("+~")
-            if "." not in key and "/" not in key and (ROOT / "conf" / key).is_dir() and value not in group_options(key):
-                raise _fail(study.name, f"variant {variant!r}: unknown {key} '{value}'; choose one of: "
-                                        f"{', '.join(group_options(key))}")
+            problem = unknown_option(o)
+            if problem:
+                raise _fail(study.name, f"variant {variant!r}: {problem}")
         GlobalHydra.instance().clear()
         try:
             with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
