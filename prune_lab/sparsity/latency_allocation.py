@@ -1,0 +1,169 @@
+"""Channel plans that meet a latency budget (see `latency.py` for the table they are solved on).
+
+`solve_latency_target` returns, for a predicted latency reduction, either the HALP-style plan
+(importance kept per millisecond, greedy) or the FLOPs-target plan whose predicted latency meets
+the same reduction. `meet_latency` closes the loop on the measured model.
+Hand-written: no library solves a channel allocation against a latency table.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from prune_lab.errors import PruneLabError
+from prune_lab.sparsity.latency import ALLOCATIONS, LatencyTable
+from prune_lab.sparsity.structure import ChannelGroups, solve_flops_target
+
+log = logging.getLogger(__name__)
+
+
+def _kept_levels(size: int, round_to: int) -> list[int]:
+    """Kept counts a group steps through, largest first: every count, or multiples of round_to."""
+    return [k for k in range(size - 1, 0, -1) if round_to <= 1 or k % round_to == 0]
+
+
+class _Greedy:
+    """The ratio greedy of the latency knapsack: state = channels pruned per group (lowest
+    group-normalised importance first); a step moves one group to its next kept level."""
+
+    def __init__(self, groups: ChannelGroups, table: LatencyTable, scores: list[torch.Tensor], round_to: int):
+        self.table, self.sizes, self.roots = table, groups.sizes, groups.roots
+        norm = [s / (s.mean() + 1e-12) for s in scores]
+        self.order = [torch.sort(n, stable=True).indices for n in norm]
+        self.cum = [[0.0] + torch.cumsum(torch.sort(n, stable=True).values.double(), 0).tolist() for n in norm]
+        self.levels = [_kept_levels(size, round_to) for size in self.sizes]
+        self.pos = [0] * len(self.sizes)
+        self.pruned = [0] * len(self.sizes)
+        self.dropped = [torch.zeros(size, dtype=torch.bool) for size in self.sizes]
+        self.items = table.flops.items
+        self.kept = {n: list(v) for n, v in table.kept(None).items()}
+        self.pos_of = {n: L["pos"] for n, L in table.flops.layers.items()}
+        self.layers_of = [{name for name, _, _ in entries} for entries in self.items]
+        self.neighbours = [[h for h in range(len(self.sizes)) if self.layers_of[h] & self.layers_of[g]]
+                           for g in range(len(self.sizes))]
+        self.other_per_act = table.other_ms / table.dense_act
+        self.ms = table.predict_ms(None)
+        self.cand = [self._candidate(g) for g in range(len(self.sizes))]
+
+    def _changes(self, g: int, new_pruned: int) -> dict[str, list[int]]:
+        newly = self.order[g][self.pruned[g]:new_pruned]
+        drop = self.dropped[g].clone()
+        drop[newly] = True
+        changes: dict[str, list[int]] = {}
+        for name, kind, root_idxs in self.items[g]:
+            d = int(drop[root_idxs].sum()) - int(self.dropped[g][root_idxs].sum())
+            c = changes.setdefault(name, [0, 0])
+            c[0 if kind == "in" else 1] += d
+        return changes
+
+    def _candidate(self, g: int):
+        if self.pos[g] >= len(self.levels[g]):
+            return None
+        new_pruned = self.sizes[g] - self.levels[g][self.pos[g]]
+        d_imp = self.cum[g][new_pruned] - self.cum[g][self.pruned[g]]
+        d_ms = 0.0
+        for name, (d_in, d_out) in self._changes(g, new_pruned).items():
+            cin, cout = self.kept[name]
+            dw = self.table.flops.layers[name]["dw"]
+            new_in, new_out = (cout - d_out if dw else cin - d_in), cout - d_out
+            d_ms += self.table.layer_ms(name, new_in, new_out) - self.table.layer_ms(name, cin, cout)
+            d_ms -= d_out * self.pos_of[name] * self.other_per_act
+        return d_imp, d_ms, new_pruned
+
+    def step(self) -> bool:
+        """Take the cheapest step (least importance per ms saved); False when none is left."""
+        best, best_key = None, None
+        for g, c in enumerate(self.cand):
+            if c is None:
+                continue
+            d_imp, d_ms, _ = c
+            # steps that save time first, by importance lost per ms; then the rest, by importance
+            key = (0, d_imp / -d_ms) if d_ms < 0 else (1, d_imp)
+            if best_key is None or key < best_key:
+                best, best_key = g, key
+        if best is None:
+            return False
+        _, d_ms, new_pruned = self.cand[best]
+        for name, (d_in, d_out) in self._changes(best, new_pruned).items():
+            k = self.kept[name]
+            k[1] -= d_out
+            k[0] = k[1] if self.table.flops.layers[name]["dw"] else k[0] - d_in
+        self.dropped[best][self.order[best][self.pruned[best]:new_pruned]] = True
+        self.pruned[best] = new_pruned
+        self.pos[best] += 1
+        self.ms += d_ms
+        for h in self.neighbours[best]:
+            self.cand[h] = self._candidate(h)
+        return True
+
+    def plan(self) -> dict[str, torch.Tensor]:
+        return {root: ~d for root, d in zip(self.roots, self.dropped)}
+
+
+def solve_latency_target(groups: ChannelGroups, table: LatencyTable, scores: list[torch.Tensor], target: float,
+                         allocation: str = "halp", distribution: str = "uniform",
+                         round_to: int = 1) -> tuple[dict[str, torch.Tensor], float]:
+    """A plan whose *predicted* latency reduction is `target` (at least, for `halp`; the closest,
+    for `flops`), and that predicted reduction. Unreachable targets raise PruneLabError."""
+    if allocation not in ALLOCATIONS:
+        raise PruneLabError(f"unknown latency allocation '{allocation}'; choose one of: {', '.join(ALLOCATIONS)}")
+    dense_ms = table.predict_ms(None)
+    if allocation == "halp":
+        greedy = _Greedy(groups, table, scores, round_to)
+        while greedy.ms > (1.0 - target) * dense_ms:
+            if not greedy.step():
+                raise PruneLabError(f"budget={target:g} (latency) is not reachable on this model: with every group "
+                                    f"at its minimum the table predicts {1 - greedy.ms / dense_ms:.3f}")
+        plan = greedy.plan()
+        return plan, table.reduction(plan)
+
+    flops = table.flops
+    def predicted(f):
+        plan = solve_flops_target(groups, flops, scores, f, distribution, round_to, tolerance=1.0)
+        return table.reduction(plan), plan
+
+    top = predicted(0.999)
+    if top[0] < target:
+        raise PruneLabError(f"budget={target:g} (latency) is not reachable with {distribution} FLOPs allocation: "
+                            f"the table predicts at most {top[0]:.3f}")
+    lo, hi, best = 0.0, 0.999, top
+    for _ in range(20):  # predicted latency falls (almost) monotonically with the FLOPs budget
+        mid = (lo + hi) / 2
+        red, plan = predicted(mid)
+        if abs(red - target) < abs(best[0] - target):
+            best = (red, plan)
+        lo, hi = (mid, hi) if red < target else (lo, mid)
+    return best[1], best[0]
+
+
+def max_reduction(groups: ChannelGroups, table: LatencyTable, round_to: int = 1) -> float:
+    """The predicted latency reduction with every group at its smallest kept count."""
+    plan = {}
+    for root, size in zip(groups.roots, groups.sizes):
+        levels = _kept_levels(size, round_to) or [size]
+        keep = torch.zeros(size, dtype=torch.bool)
+        keep[:levels[-1]] = True
+        plan[root] = keep
+    return table.reduction(plan)
+
+
+def meet_latency(solve, measure, target: float, tolerance: float, rounds: int = 3, ceiling: float = 0.99):
+    """Solve for `target`, measure the shrunk plan, ask the solver for target + (target − measured)
+    and repeat, `rounds` times at most or until |measured − target| ≤ tolerance / 2.
+
+    solve(asked) -> (plan, predicted reduction); measure(plan) -> measured reduction.
+    Returns the plan measured closest to the target and the history of the rounds."""
+    asked, history, best = target, [], None
+    for _ in range(max(1, rounds)):
+        plan, predicted = solve(asked)
+        measured = measure(plan)
+        history.append({"asked": asked, "predicted": predicted, "measured": measured})
+        log.info("latency plan: asked %.4f, table predicts %.4f, measured %.4f (target %.4f)",
+                 asked, predicted, measured, target)
+        if best is None or abs(measured - target) < abs(best[1] - target):
+            best = (plan, measured)
+        if abs(measured - target) <= tolerance / 2:
+            break
+        asked = min(max(asked + (target - measured), 0.0), ceiling)
+    return best[0], history
