@@ -26,6 +26,7 @@ Hand-written: torch-pruning, NNI and jaxpruner have no latency table for channel
 from __future__ import annotations
 
 import bisect
+import copy
 import hashlib
 import json
 import logging
@@ -249,3 +250,47 @@ def _interp(xs: list[int], ys: list[float], x: float) -> float:
 def _bilinear(ins: list[int], outs: list[int], grid: list[list[float]], cin: float, cout: float) -> float:
     rows = [_interp(outs, row, cout) for row in grid]
     return _interp(ins, rows, cin)
+
+
+def table_for_run(groups: ChannelGroups, example_input: torch.Tensor, latency: dict, device: str = "cpu",
+                  measure_dense: bool = True) -> LatencyTable:
+    """The table of a run from its `latency` config section (what results.json measures with), its
+    `other` share calibrated on the dense model's measured whole forward."""
+    table = LatencyTable(groups, example_input.cpu(), batch_size=latency.get("batch_size", 16),
+                         channels_last=latency.get("channels_last", True), fold_bn=latency.get("fold_bn", True),
+                         compile=latency.get("compile", False), warmup=latency.get("warmup", 3),
+                         repeats=latency.get("repeats", 10), points=latency.get("table_points", 8),
+                         cache_dir=latency.get("table_cache"), device=device)
+    if measure_dense:
+        table.calibrate_total(served_ms({"dense": groups.model}, example_input, latency)["dense"])
+    return table
+
+
+def served_ms(models: dict[str, nn.Module], example_input: torch.Tensor, latency: dict) -> dict[str, float]:
+    """Median latency (ms) of each model as results.json measures it (CPU copies, the run's settings)."""
+    from prune_lab.sparsity.measure import latency_ms
+
+    cpu = {k: copy.deepcopy(m).cpu() for k, m in models.items()}
+    ms, _ = latency_ms(cpu, example_input.cpu(), latency.get("batch_size", 16), latency.get("warmup", 3),
+                       latency.get("repeats", 10), latency.get("channels_last", True), latency.get("fold_bn", True),
+                       latency.get("compile", False))
+    return ms
+
+
+def measured_reduction(model: nn.Module, plan: dict[str, torch.Tensor], example_input: torch.Tensor, latency: dict,
+                       skip: list[str] = ()) -> dict[str, float]:
+    """Shrink a CPU copy of `model` by `plan` (blocks in `skip` replaced by identities), and measure
+    it against the dense model interleaved: {"dense_ms", "pruned_ms", "reduction"}."""
+    from prune_lab.sparsity.structure import shrink
+
+    dense = copy.deepcopy(model).cpu().eval()
+    small = shrink(dense, {k: v.cpu() for k, v in plan.items()}, example_input.cpu())
+    for name in skip:
+        parent, _, child = name.rpartition(".")
+        holder = small.get_submodule(parent) if parent else small
+        if isinstance(holder, nn.Sequential):
+            holder[int(child)] = nn.Identity()
+        else:
+            setattr(holder, child, nn.Identity())
+    ms = served_ms({"dense": dense, "pruned": small}, example_input, latency)
+    return {"dense_ms": ms["dense"], "pruned_ms": ms["pruned"], "reduction": 1.0 - ms["pruned"] / ms["dense"]}
