@@ -11,6 +11,10 @@ from prune_lab.errors import PruneLabError
 from prune_lab.sparsity import ChannelGroups
 
 
+# structured methods whose plan can be solved against the latency table (`target: latency`)
+LATENCY_METHODS = ("l1_filter", "slimming", "iee_channels", "stp")
+
+
 def validate(cfg: DictConfig) -> None:
     seed = cfg.seed
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -18,8 +22,11 @@ def validate(cfg: DictConfig) -> None:
     b = cfg.budget
     if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0.0 <= float(b) < 1.0:
         raise PruneLabError(f"budget={b} is outside [0, 1): it is the fraction of the method's target removed")
-    if cfg.method.target not in ("params", "flops"):
-        raise PruneLabError(f"method.target={cfg.method.target} is not one of: params, flops")
+    if cfg.method.target not in ("params", "flops", "latency"):
+        raise PruneLabError(f"method.target={cfg.method.target} is not one of: params, flops, latency")
+    if cfg.method.target == "latency" and cfg.method.name not in LATENCY_METHODS:
+        raise PruneLabError(f"method.target=latency is not available for method {cfg.method.name}; "
+                            f"choose one of: {', '.join(LATENCY_METHODS)}")
     if cfg.ckpt_path is not None:
         check_checkpoint(Path(cfg.ckpt_path))
 
@@ -64,7 +71,7 @@ def check_schedules(cfg, dm, callbacks) -> None:
 
 
 def check_structured(cfg, model, example) -> None:
-    if cfg.method.target != "flops":
+    if cfg.method.target not in ("flops", "latency"):
         return
     from prune_lab.models import classifier_of
 

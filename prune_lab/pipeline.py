@@ -290,16 +290,24 @@ def run(cfg: DictConfig) -> dict:
 
     dense_costs = {"params": dense["params"], "flops": dense["flops"]}
     pruned = {**pruned_metrics, **report.pruned_costs(dense_model, final, example.cpu(), dense_costs)}
-    achieved = pruned["sparsity"] if cfg.method.target == "params" else pruned["flops_reduction"]
-    tol = 0.005 if cfg.method.target == "params" else 0.02
-    if cfg.method.name != "dense" and abs(achieved - cfg.budget) > tol:
-        log.warning("achieved %s reduction %.4f is outside ±%.3f of budget %.3f", cfg.method.target, achieved,
-                    tol, cfg.budget)
     lat_cfg = cfg.latency
     cl, fold = bool(lat_cfg.get("channels_last", False)), bool(lat_cfg.get("fold_bn", False))
     lat, applied = latency_ms({"dense": dense_model, "pruned": final}, example.cpu(), lat_cfg.batch_size,
                               lat_cfg.warmup, lat_cfg.repeats, cl, fold, bool(lat_cfg.get("compile", False)))
     dense_ms, pruned_ms = lat["dense"], lat["pruned"]
+    fastest = applied.pop("min_ms")
+    target = cfg.method.target
+    # a latency budget is judged on each model's fastest round (other work on the machine only adds time)
+    achieved = {"params": pruned["sparsity"], "flops": pruned["flops_reduction"],
+                "latency": 1.0 - fastest["pruned"] / fastest["dense"]}[target]
+    tol = {"params": 0.005, "flops": 0.02, "latency": float(lat_cfg.get("tolerance", 0.03))}[target]
+    if cfg.method.name != "dense" and abs(achieved - cfg.budget) > tol:
+        log.warning("achieved %s reduction %.4f is outside ±%.3f of budget %.3f", target, achieved, tol, cfg.budget)
+    latency = {"device": "cpu", "batch_size": lat_cfg.batch_size, "channels_last": cl, **applied,
+               "dense_ms": dense_ms, "pruned_ms": pruned_ms, "speedup": dense_ms / pruned_ms,
+               "dense_min_ms": fastest["dense"], "pruned_min_ms": fastest["pruned"]}
+    if target == "latency":  # the deliverable as saved, timed as anyone would load it
+        latency["exported"] = report.exported_latency(out_dir / "model.pt2", dense_model, example.cpu(), lat_cfg)
     layers = report.layer_table(dense_model, final)
     results = {
         "schema": report.SCHEMA, "method": cfg.method.name,
@@ -309,8 +317,7 @@ def run(cfg: DictConfig) -> dict:
         "dense": {k: dense[k] for k in ("top1", "top5", "params", "flops")},
         "pruned": pruned,
         "budget_met": cfg.method.name == "dense" or abs(achieved - cfg.budget) <= tol,
-        "latency": {"device": "cpu", "batch_size": lat_cfg.batch_size, "channels_last": cl, **applied,
-                    "dense_ms": dense_ms, "pruned_ms": pruned_ms, "speedup": dense_ms / pruned_ms},
+        "latency": latency,
         "layers": layers,
         "train": {"epochs": int(trainer.current_epoch), "steps": int(trainer.global_step), "wall_s": wall,
                   "world_size": int(trainer.world_size), "total_wall_s": time.time() - t_start,

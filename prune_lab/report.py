@@ -111,4 +111,30 @@ def summary_table(results: dict):
     t.add_row("MACs (sparse kernels)", f"{d['flops']:,}", f"{p['sparse_flops']:,} (-{p['flops_reduction']:.1%})")
     t.add_row(f"CPU latency, batch {lat['batch_size']}", f"{lat['dense_ms']:.2f} ms",
               f"{lat['pruned_ms']:.2f} ms ({lat['speedup']:.2f}x)")
+    if results.get("target") == "latency":
+        plan, exp = results.get("latency_plan", {}), lat.get("exported", {})
+        t.add_row("latency reduction", f"budget {results['budget']:g}",
+                  f"{1 - lat['pruned_min_ms'] / lat['dense_min_ms']:.1%} (table {plan.get('predicted_reduction', float('nan')):.1%}"
+                  f", model.pt2 {exp.get('reduction', float('nan')):.1%})")
     return t
+
+
+def exported_latency(pt2: Path, dense: nn.Module, example_input: torch.Tensor, latency) -> dict:
+    """The saved `model.pt2` (as `torch.export.load(...).module()` runs it: NCHW input, BN as
+    exported) timed against the dense model exported the same way, interleaved, at the run's latency
+    batch size: the deliverable as an independent check times it, beside the served measurement."""
+    import copy
+    import statistics
+
+    from prune_lab.sparsity.measure import interleaved_latency_ms
+
+    pruned = torch.export.load(str(pt2)).module()
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    x2 = example_input[:1].expand(2, *example_input.shape[1:]).contiguous()
+    dense_prog = torch.export.export(copy.deepcopy(dense).cpu().eval(), (x2,), dynamic_shapes=({0: batch},)).module()
+    xb = example_input[:1].expand(int(latency.batch_size), *example_input.shape[1:]).contiguous()
+    times = interleaved_latency_ms({"dense": dense_prog, "pruned": pruned}, xb, int(latency.warmup),
+                                   int(latency.repeats))
+    d, p = min(times["dense"]), min(times["pruned"])
+    return {"layout": "nchw", "bn_folded": False, "stat": "min", "dense_ms": d, "pruned_ms": p,
+            "reduction": 1.0 - p / d}

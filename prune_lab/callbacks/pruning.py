@@ -1,7 +1,7 @@
 """The mask-update capability: compute masks at scheduled steps and keep pruned entries at zero.
 
 One callback serves one-shot and gradual, unstructured (`target: params`) and structured
-(`target: flops`) methods; what differs is given as objects: an `Importance`, a distribution
+(`target: flops` or `latency`) methods; what differs is given as objects: an `Importance`, a distribution
 name, a schedule. Masks live in the module's `MaskSet` (`pl_module.masks`), so every other
 callback sees them and checkpoints carry them.
 
@@ -13,6 +13,10 @@ dense weights, so the shrunk shapes match the checkpoint's.
 """
 from __future__ import annotations
 
+import copy
+import json
+from pathlib import Path
+
 import lightning as L
 import torch
 import torch.nn.functional as F
@@ -21,7 +25,21 @@ from prune_lab.errors import PruneLabError
 from prune_lab.sparsity import (ChannelGroups, FlopsModel, MaskSet, OneShot, build_importance, masks_from_scores,
                                 shrink, solve_flops_target)
 from prune_lab.sparsity.allocation import DISTRIBUTIONS
+from prune_lab.sparsity.latency import ALLOCATIONS
 from prune_lab.sparsity.nm import NMPattern, nm_masks, unfit_layers
+
+
+TARGETS = ("params", "flops", "latency")
+
+
+def _plain(node) -> dict:
+    from omegaconf import DictConfig, OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+
+
+def _name_of(model, module) -> str:
+    return next(n for n, m in model.named_modules() if m is module)
 
 
 class MaskUpdate(L.Callback):
@@ -29,7 +47,10 @@ class MaskUpdate(L.Callback):
 
     Args:
         budget: fraction of the target removed at the end of the schedule.
-        target: "params" (unstructured weight sparsity) or "flops" (structured channel pruning).
+        target: "params" (unstructured weight sparsity), "flops" (structured channel pruning to a
+            FLOPs reduction) or "latency" (structured, to a reduction of the latency results.json
+            measures: solved on a per-layer latency table, then measured and corrected,
+            `prune_lab.sparsity.latency`).
         importance: criterion name or `Importance` object.
         distribution: unstructured: uniform | erk | global; structured: uniform | global.
         schedule: `OneShot()` (default) or `Cubic(...)`.
@@ -40,15 +61,20 @@ class MaskUpdate(L.Callback):
         pattern: unstructured only: "N:M" keeps the N best of every M consecutive weights along
             each layer's input dimension (`prune_lab.sparsity.nm`) instead of an allocation; the
             budget must then be 1 - N/M. Layers whose input dimension M does not divide stay dense.
+        allocation: target=latency only: "halp" (importance kept per ms, greedy on the latency
+            table) or "flops" (the FLOPs-target allocation of `distribution`, its FLOPs budget set
+            so that its latency meets the budget: the comparison plan).
+        latency: target=latency only: the run's `latency` config section (how latency is measured,
+            the table's grid, cache and tolerance, the correction rounds).
         dense_stem: unstructured only: keep the first conv/linear layer dense, as RigL's paper
             does; the other layers are pruned harder so the global sparsity is still the budget.
     """
 
     def __init__(self, budget: float, target: str = "params", importance="magnitude", distribution: str = "uniform",
                  schedule=None, round_to: int = 1, tolerance: float = 0.02, shrink_at_start: bool = False,
-                 pattern: str | None = None, dense_stem: bool = False):
-        if target not in ("params", "flops"):
-            raise PruneLabError(f"unknown target '{target}'; choose one of: params, flops")
+                 pattern: str | None = None, dense_stem: bool = False, allocation: str = "halp", latency=None):
+        if target not in TARGETS:
+            raise PruneLabError(f"unknown target '{target}'; choose one of: {', '.join(TARGETS)}")
         allowed = DISTRIBUTIONS if target == "params" else ("uniform", "global")
         if distribution not in allowed:
             raise PruneLabError(f"distribution '{distribution}' is not available for target={target}; "
@@ -58,8 +84,13 @@ class MaskUpdate(L.Callback):
         self.schedule = schedule or OneShot()
         self.round_to, self.tolerance = round_to, tolerance
         self.last_update_step = -1
-        if shrink_at_start and (target != "flops" or not isinstance(self.schedule, OneShot) or self.schedule.at != 0):
-            raise PruneLabError("shrink_at_start needs structured pruning (target: flops) with a one-shot "
+        if target == "latency" and allocation not in ALLOCATIONS:
+            raise PruneLabError(f"method.allocation={allocation} is not one of: {', '.join(ALLOCATIONS)}")
+        self.allocation = allocation
+        self.latency = _plain(latency) if latency is not None and target == "latency" else {}
+        self.latency_record: dict = {}
+        if shrink_at_start and (target == "params" or not isinstance(self.schedule, OneShot) or self.schedule.at != 0):
+            raise PruneLabError("shrink_at_start needs structured pruning (target: flops or latency) with a one-shot "
                                 "schedule at the start (OneShot(at=0))")
         self.shrink_at_start = shrink_at_start
         self.pattern = NMPattern.parse(pattern)
@@ -78,7 +109,26 @@ class MaskUpdate(L.Callback):
 
     @property
     def structured(self) -> bool:
-        return self.target == "flops"
+        return self.target in ("flops", "latency")
+
+    def check(self, model, example_input) -> None:
+        """target=latency: the table is measured now (and cached), and a budget it predicts out of
+        reach is refused before anything trains."""
+        if self.target != "latency":
+            return
+        from prune_lab.models import classifier_of
+        from prune_lab.sparsity.latency import table_for_run
+        from prune_lab.sparsity.latency_allocation import max_reduction
+
+        cpu = copy.deepcopy(model).cpu().eval()
+        groups = ChannelGroups(cpu, example_input.cpu(), ignored=[classifier_of(cpu)[1]])
+        if len(groups) == 0:
+            return  # check_structured refuses this with its own line
+        table = table_for_run(groups, example_input, self.latency)
+        top = max_reduction(groups, table, self.round_to)
+        if self.budget > top:
+            raise PruneLabError(f"budget={self.budget:g} (latency) is out of reach on this model: the latency table "
+                                f"predicts at most {top:.3f} with every channel group at its minimum")
 
     def check_schedule(self, total_steps: int, steps_per_epoch: int) -> None:
         """Called by the pipeline before training with the run's length (optimizer steps)."""
@@ -105,11 +155,13 @@ class MaskUpdate(L.Callback):
         pl_module.masks.apply()
 
     def state_dict(self):
-        return {"last_update_step": self.last_update_step, "dense_layers": list(self.dense_layers)}
+        return {"last_update_step": self.last_update_step, "dense_layers": list(self.dense_layers),
+                "latency_record": self.latency_record}
 
     def load_state_dict(self, state):
         self.last_update_step = int(state["last_update_step"])
         self.dense_layers = list(state.get("dense_layers", []))
+        self.latency_record = dict(state.get("latency_record", {}))
 
     # -- the update itself ----------------------------------------------------------------
     def update(self, pl_module, batch, sparsity: float) -> None:
@@ -151,6 +203,8 @@ class MaskUpdate(L.Callback):
                                                                                            self.distribution)}
 
     def report(self) -> dict:
+        if self.latency_record:
+            return {"latency_plan": self.latency_record}
         if self.pattern is not None:
             return {"pattern": {"n": self.pattern.n, "m": self.pattern.m, "dense_layers": list(self.dense_layers)}}
         return {"dense_layers": list(self.dense_layers)} if self.dense_stem else {}
@@ -179,13 +233,69 @@ class MaskUpdate(L.Callback):
         if len(groups) == 0:
             raise PruneLabError(f"model {type(model).__name__} has no prunable channel groups; "
                                 "use an unstructured method (target: params)")
-        flops = FlopsModel(groups, example)
         scores = groups.scores(self.importance.channel_scorer())
-        plan = solve_flops_target(groups, flops, scores, sparsity, self.distribution, self.round_to, self.tolerance)
+        if self.target == "latency":
+            plan = self._latency_plan(pl_module, groups, scores, sparsity)
+        else:
+            flops = FlopsModel(groups, example)
+            plan = solve_flops_target(groups, flops, scores, sparsity, self.distribution, self.round_to,
+                                      self.tolerance)
         masks.reset()
         for n, keep in groups.param_masks(plan).items():
             masks.set(n, keep)
         masks.set_channel_plan(plan)
+
+    def _latency_plan(self, pl_module, groups, scores, sparsity: float) -> dict[str, torch.Tensor]:
+        """Solve on the latency table, measure the shrunk model, correct (latency_allocation.meet_latency).
+        The plan is kept in the run directory: a resumed run (whose `setup` may re-prune) reuses it
+        instead of re-measuring, so its shapes match the checkpoint's. Under DDP rank 0 measures and
+        the plan is broadcast, so every rank prunes the same channels."""
+        from prune_lab.sparsity.latency import measured_reduction, table_for_run
+        from prune_lab.sparsity.latency_allocation import meet_latency, solve_latency_target
+
+        trainer = pl_module._trainer
+        saved = Path(trainer.default_root_dir) / "latency_plan.json" if trainer is not None else None
+        key = {"budget": sparsity, "allocation": self.allocation, "sizes": dict(zip(groups.roots, groups.sizes))}
+        plan = None
+        if saved is not None and saved.exists():
+            stored = json.loads(saved.read_text())
+            if stored["key"] == key:
+                plan = {r: torch.tensor(k, dtype=torch.bool) for r, k in stored["plan"].items()}
+                self.latency_record = stored["record"]
+        dist = torch.distributed
+        distributed = dist.is_available() and dist.is_initialized()
+        if plan is None and (not distributed or dist.get_rank() == 0):
+            example = pl_module.example_input.cpu()
+            cpu = copy.deepcopy(pl_module.model).cpu().eval()
+            cpu_groups = ChannelGroups(cpu, example, ignored=[cpu.get_submodule(_name_of(pl_module.model,
+                                                                                         pl_module.classifier))])
+            by_root = dict(zip(groups.roots, scores))
+            cpu_scores = [by_root[r] for r in cpu_groups.roots]
+            table = table_for_run(cpu_groups, example, self.latency)
+            tol = float(self.latency.get("tolerance", 0.03))
+
+            def solve(asked):
+                return solve_latency_target(cpu_groups, table, cpu_scores, asked, self.allocation, self.distribution,
+                                            self.round_to)
+
+            def measure(p):
+                return measured_reduction(cpu, p, example, self.latency)["reduction"]
+
+            plan, history = meet_latency(solve, measure, sparsity, tol, int(self.latency.get("rounds", 3)))
+            self.latency_record = {"allocation": self.allocation, "budget": sparsity, "tolerance": tol,
+                                   "table": table.describe(), "rounds": history,
+                                   "predicted_reduction": table.reduction(plan),
+                                   "measured_reduction": min(history, key=lambda h: abs(h["measured"] - sparsity))
+                                   ["measured"]}
+            if saved is not None and trainer.is_global_zero:
+                saved.parent.mkdir(parents=True, exist_ok=True)
+                saved.write_text(json.dumps({"key": key, "record": self.latency_record,
+                                             "plan": {r: k.tolist() for r, k in plan.items()}}))
+        if distributed:
+            box = [plan, self.latency_record]
+            dist.broadcast_object_list(box, src=0)
+            plan, self.latency_record = box
+        return {r: k.to(pl_module.device) for r, k in plan.items()}
 
     @staticmethod
     def _fill_grads(pl_module, batch) -> None:

@@ -267,14 +267,15 @@ def table_for_run(groups: ChannelGroups, example_input: torch.Tensor, latency: d
 
 
 def served_ms(models: dict[str, nn.Module], example_input: torch.Tensor, latency: dict) -> dict[str, float]:
-    """Median latency (ms) of each model as results.json measures it (CPU copies, the run's settings)."""
+    """Latency (ms) of each model as results.json measures it (CPU copies, the run's settings): the
+    fastest of the interleaved rounds, robust to other work on the machine (it only adds time)."""
     from prune_lab.sparsity.measure import latency_ms
 
     cpu = {k: copy.deepcopy(m).cpu() for k, m in models.items()}
-    ms, _ = latency_ms(cpu, example_input.cpu(), latency.get("batch_size", 16), latency.get("warmup", 3),
-                       latency.get("repeats", 10), latency.get("channels_last", True), latency.get("fold_bn", True),
-                       latency.get("compile", False))
-    return ms
+    _, applied = latency_ms(cpu, example_input.cpu(), latency.get("batch_size", 16), latency.get("warmup", 3),
+                            latency.get("repeats", 10), latency.get("channels_last", True),
+                            latency.get("fold_bn", True), latency.get("compile", False))
+    return applied["min_ms"]
 
 
 def measured_reduction(model: nn.Module, plan: dict[str, torch.Tensor], example_input: torch.Tensor, latency: dict,

@@ -129,7 +129,9 @@ def latency_ms(models: dict[str, nn.Module], example_input: torch.Tensor, batch_
     """Median wall time (ms) of one eval forward at `batch_size` of each model, measured
     interleaved on copies prepared by `inference_copy` (and `compile_for_inference` with
     `compile`); the models themselves are not touched. Also returns what was applied to every
-    model: {"bn_folded": .., "compiled": ..} (compilation falls back to eager with a warning)."""
+    model: {"bn_folded": .., "compiled": ..} (compilation falls back to eager with a warning), and
+    each model's fastest round ("min_ms"): on a shared machine interference only ever adds time,
+    so the minimum is the robust figure for a latency budget."""
     x = example_input[:1].expand(batch_size, *example_input.shape[1:]).contiguous()
     image = x.dim() == 4
     if channels_last and image:
@@ -149,4 +151,5 @@ def latency_ms(models: dict[str, nn.Module], example_input: torch.Tensor, batch_
             prepared = {k: inference_copy(m, channels_last and image, fold_bn)[0] for k, m in models.items()}
     times = interleaved_latency_ms(prepared, x, warmup, repeats)
     medians = {k: statistics.median(v) for k, v in times.items()}
-    return medians, {"bn_folded": fold_bn and all(folded), "compiled": compiled}
+    return medians, {"bn_folded": fold_bn and all(folded), "compiled": compiled,
+                     "min_ms": {k: min(v) for k, v in times.items()}}

@@ -1,0 +1,251 @@
+"""target=latency: the per-layer latency table, the allocations solved on it, the measured
+correction, and the checks before training. Timing is replaced by a deterministic cost model
+wherever an exact assertion is made (real timings are noisy); one test times for real and only
+checks what timing cannot break (shapes, cache, keys)."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from prune_lab.errors import PruneLabError
+from prune_lab.models import classifier_of, create_model
+from prune_lab.sparsity import ChannelGroups, FlopsModel, shrink
+from prune_lab.sparsity import latency as latency_mod
+from prune_lab.sparsity.importance import Magnitude
+from prune_lab.sparsity.latency import LatencyTable
+from prune_lab.sparsity.latency_allocation import max_reduction, meet_latency, solve_latency_target
+from prune_lab.sparsity.measure import layer_macs
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def mac_cost(sig, cin, cout, batch, channels_last, bias, device, repeats=7):
+    """A deterministic 'timing': proportional to the layer's MACs (bilinear in cin, cout)."""
+    if sig["kind"] == "conv":
+        h, w = sig["hw"]
+        oh = (h + 2 * sig["padding"][0] - sig["k"][0]) // sig["stride"][0] + 1
+        ow = (w + 2 * sig["padding"][1] - sig["k"][1]) // sig["stride"][1] + 1
+        per_out = (1 if sig["dw"] else cin) * sig["k"][0] * sig["k"][1] * oh * ow
+        return 1e-6 * batch * cout * per_out
+    return 1e-6 * batch * cin * cout * math.prod(sig["extra"] or [1])
+
+
+@pytest.fixture
+def fake_timing(monkeypatch):
+    calls = []
+
+    def timed(*args, **kw):
+        calls.append(args[1:3])
+        return mac_cost(*args, **kw)
+    monkeypatch.setattr(latency_mod, "time_layer", timed)
+    return calls
+
+
+def model_and_groups(name="resnet14", channels=1, size=16):
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=10, in_channels=channels).eval()
+    x = torch.randn(1, channels, size, size)
+    return model, x, ChannelGroups(model, x, ignored=[classifier_of(model)[1]])
+
+
+def test_table_predicts_the_shrunk_models_layer_cost_exactly(fake_timing, tmp_path):
+    model, x, groups = model_and_groups()
+    table = LatencyTable(groups, x, batch_size=4, points=4, cache_dir=tmp_path)
+    scores = groups.scores(Magnitude(p=1).channel_scorer())
+    g = torch.Generator().manual_seed(1)
+    for trial in range(3):  # arbitrary plans, also off the grid: bilinear interpolation of a bilinear cost is exact
+        plan = {}
+        for root, size in zip(groups.roots, groups.sizes):
+            keep = torch.zeros(size, dtype=torch.bool)
+            keep[torch.randperm(size, generator=g)[:int(torch.randint(1, size + 1, (1,), generator=g))]] = True
+            plan[root] = keep
+        small = shrink(model, plan, x)
+        want = 1e-6 * 4 * sum(layer_macs(small, x).values())
+        assert table.predict_layers(plan) == pytest.approx(want, rel=1e-9)
+    assert scores  # groups exist
+
+
+def test_table_is_cached_per_signature_and_reread(fake_timing, tmp_path):
+    _, x, groups = model_and_groups()
+    LatencyTable(groups, x, batch_size=4, points=4, cache_dir=tmp_path)
+    first = len(fake_timing)
+    signatures = {json.dumps(json.loads(p.read_text())["sig"], sort_keys=True) for p in tmp_path.rglob("*.json")}
+    # layers of equal shape share one grid: fewer timings than layers × grid points
+    assert 0 < len(signatures) < 16 and first > 0
+    LatencyTable(groups, x, batch_size=4, points=4, cache_dir=tmp_path)
+    assert len(fake_timing) == first  # nothing measured the second time
+    LatencyTable(groups, x, batch_size=8, points=4, cache_dir=tmp_path)
+    assert len(fake_timing) > first   # another batch size is another table
+
+
+def test_other_time_scales_with_kept_activations(fake_timing, tmp_path):
+    _, x, groups = model_and_groups()
+    table = LatencyTable(groups, x, batch_size=4, points=4, cache_dir=tmp_path)
+    table.calibrate_total(table.layers_dense_ms + 1.0)
+    assert table.predict_ms(None) == pytest.approx(table.layers_dense_ms + 1.0)
+    half = {r: torch.arange(s) < s // 2 for r, s in zip(groups.roots, groups.sizes)}
+    kept = table.kept(half)
+    act = sum(cout * table.flops.layers[n]["pos"] for n, (_, cout) in kept.items())
+    assert table.predict_ms(half) == pytest.approx(table.predict_layers(half) + act / table.dense_act)
+
+
+@pytest.mark.parametrize("round_to", [1, 4])
+def test_halp_plan_meets_the_predicted_budget_with_the_last_step_needed(fake_timing, tmp_path, round_to):
+    model, x, groups = model_and_groups()
+    table = LatencyTable(groups, x, batch_size=4, points=4, cache_dir=tmp_path)
+    table.calibrate_total(table.layers_dense_ms * 1.5)
+    scores = groups.scores(Magnitude(p=1).channel_scorer())
+    for target in (0.3, 0.6):
+        plan, predicted = solve_latency_target(groups, table, scores, target, "halp", round_to=round_to)
+        assert predicted >= target and predicted == pytest.approx(table.reduction(plan))
+        assert predicted < target + 0.1  # stops at the first plan that meets it
+        for root, keep in plan.items():
+            k = int(keep.sum())
+            assert k >= 1 and (round_to == 1 or k == keep.numel() or k % round_to == 0)
+            # the lowest-scored channels go first within a group
+            s = scores[groups.roots.index(root)]
+            if 0 < k < keep.numel():
+                assert s[keep].min() >= s[~keep].max()
+
+
+def test_halp_keeps_more_flops_than_the_flops_plan_at_equal_predicted_latency(fake_timing, tmp_path):
+    """With a cost that is not FLOPs (here: layer MACs + activation volume), trading by latency
+    keeps more of the model than uniform FLOPs ratios that reach the same predicted latency."""
+    model, x, groups = model_and_groups()
+    table = LatencyTable(groups, x, batch_size=4, points=4, cache_dir=tmp_path)
+    table.calibrate_total(table.layers_dense_ms * 2.0)
+    scores = groups.scores(Magnitude(p=1).channel_scorer())
+    flops = FlopsModel(groups, x)
+    halp, p_halp = solve_latency_target(groups, table, scores, 0.5, "halp")
+    by_flops, p_flops = solve_latency_target(groups, table, scores, 0.5, "flops", distribution="uniform")
+    assert abs(p_flops - 0.5) < 0.02 and p_halp >= 0.5
+    assert flops.macs(halp) > flops.macs(by_flops)
+
+
+def test_unreachable_latency_budget_is_refused(fake_timing, tmp_path):
+    _, x, groups = model_and_groups()
+    table = LatencyTable(groups, x, batch_size=4, points=4, cache_dir=tmp_path)
+    table.calibrate_total(table.layers_dense_ms * 3.0)
+    top = max_reduction(groups, table)
+    scores = groups.scores(Magnitude(p=1).channel_scorer())
+    with pytest.raises(PruneLabError, match="not reachable"):
+        solve_latency_target(groups, table, scores, min(top + 0.05, 0.99), "halp")
+    with pytest.raises(PruneLabError, match="unknown latency allocation 'fast'"):
+        solve_latency_target(groups, table, scores, 0.3, "fast")
+
+
+def test_meet_latency_corrects_a_biased_prediction():
+    """measured = predicted − 0.1: the second round asks for 0.1 more and lands on the target."""
+    def solve(asked):
+        return {"asked": asked}, asked
+
+    def measure(plan):
+        return plan["asked"] - 0.1
+
+    plan, history = meet_latency(solve, measure, 0.4, tolerance=0.02, rounds=3)
+    assert [round(h["asked"], 6) for h in history] == [0.4, 0.5]
+    assert plan["asked"] == pytest.approx(0.5) and history[-1]["measured"] == pytest.approx(0.4)
+
+
+def test_meet_latency_keeps_the_best_when_a_correction_is_out_of_reach():
+    def solve(asked):
+        if asked > 0.45:
+            raise PruneLabError("not reachable")
+        return {"asked": asked}, asked
+
+    plan, history = meet_latency(solve, lambda p: p["asked"] - 0.1, 0.4, tolerance=0.02, rounds=3)
+    assert plan == {"asked": 0.4} and len(history) == 1
+    with pytest.raises(PruneLabError):
+        meet_latency(solve, lambda p: 0.0, 0.5, tolerance=0.02)
+
+
+def test_mask_update_check_refuses_an_out_of_reach_budget_before_training(fake_timing, tmp_path, monkeypatch):
+    from prune_lab.callbacks import MaskUpdate
+
+    # the whole forward 'measures' far more than the layers: the activations' share caps the reduction
+    monkeypatch.setattr(latency_mod, "served_ms", lambda models, x, lat: {k: 1e6 for k in models})
+    model, x, _ = model_and_groups()
+    lat = dict(batch_size=4, table_points=4, table_cache=str(tmp_path))
+    with pytest.raises(PruneLabError, match=r"budget=0.99 \(latency\) is out of reach"):
+        MaskUpdate(budget=0.99, target="latency", latency=lat).check(model, x)
+    MaskUpdate(budget=0.2, target="latency", latency=lat).check(model, x)  # reachable: no error
+    with pytest.raises(PruneLabError, match="allocation=fast is not one of: halp, flops"):
+        MaskUpdate(budget=0.2, target="latency", allocation="fast", latency=lat)
+
+
+def test_latency_plan_is_reused_on_resume_and_broadcast_free_on_one_process(fake_timing, tmp_path, monkeypatch):
+    """The solved plan is written to the run directory; a second solve (a resumed run re-pruning in
+    setup) reads it instead of measuring again, so its shapes match the checkpoint's."""
+    from types import SimpleNamespace
+
+    from prune_lab.callbacks import MaskUpdate
+
+    measured = []
+
+    def fake_measure(model, plan, x, lat, skip=()):
+        measured.append(1)
+        return {"dense_ms": 1.0, "pruned_ms": 0.7, "reduction": 0.3}
+    monkeypatch.setattr(latency_mod, "served_ms", lambda models, x, lat: {k: 1.0 for k in models})
+    monkeypatch.setattr(latency_mod, "measured_reduction", fake_measure)
+    model, x, groups = model_and_groups()
+    module = SimpleNamespace(model=model, classifier=classifier_of(model)[1], example_input=x,
+                             device=torch.device("cpu"),
+                             _trainer=SimpleNamespace(default_root_dir=str(tmp_path), is_global_zero=True))
+    scores = groups.scores(Magnitude(p=1).channel_scorer())
+    cb = MaskUpdate(budget=0.3, target="latency", latency=dict(batch_size=4, table_points=4,
+                                                                table_cache=str(tmp_path / "t")))
+    first = cb._latency_plan(module, groups, scores, 0.3)
+    assert len(measured) == 1 and (tmp_path / "latency_plan.json").exists()
+    again = MaskUpdate(budget=0.3, target="latency", latency=dict(batch_size=4, table_points=4,
+                                                                   table_cache=str(tmp_path / "t")))
+    second = again._latency_plan(module, groups, scores, 0.3)
+    assert len(measured) == 1  # not measured again
+    assert all(torch.equal(first[r], second[r]) for r in first)
+    assert again.report()["latency_plan"]["measured_reduction"] == 0.3
+
+
+def test_table_times_real_layers(tmp_path):
+    """Real timings: positive, one grid per signature, cached; values are not asserted."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 4)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    groups = ChannelGroups(model, x, ignored=[model[7]])
+    table = LatencyTable(groups, x, batch_size=2, points=2, repeats=2, cache_dir=tmp_path)
+    assert table.layers_dense_ms > 0 and len(list(tmp_path.rglob("*.json"))) == len(table.grids)
+
+
+def test_latency_target_is_refused_for_weight_pruning_methods(tmp_path, dense_dir):
+    from conftest import FAST, compose_cfg
+    from prune_lab.checks import validate
+
+    cfg = compose_cfg([*FAST, "method=magnitude", "method.target=latency", "budget=0.3"], tmp_path, dense_dir)
+    with pytest.raises(PruneLabError, match="method.target=latency is not available for method magnitude; "
+                                            "choose one of: l1_filter, slimming, iee_channels, stp"):
+        validate(cfg)
+
+
+def test_latency_run_records_table_measurement_and_exported_model(tmp_path, dense_dir):
+    """A real l1_filter run with a latency budget: results.json holds the plan's rounds (asked,
+    table-predicted, measured), the served and the exported model's measurement, and budget_met
+    is the measured reduction (fastest rounds) against the budget within latency.tolerance."""
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from test_pipeline import run_fast
+
+    res, out = run_fast(tmp_path, dense_dir, "method=l1_filter", "method.target=latency", "budget=0.2",
+                        f"latency.table_cache={tmp_path / 'tables'}", "latency.repeats=5")
+    assert res["target"] == "latency" and (out / "latency_plan.json").exists()
+    plan = res["latency_plan"]
+    assert 1 <= len(plan["rounds"]) <= 3 and plan["rounds"][0]["asked"] == 0.2
+    assert plan["predicted_reduction"] >= 0.0 and plan["table"]["signatures"] > 0
+    lat = res["latency"]
+    achieved = 1 - lat["pruned_min_ms"] / lat["dense_min_ms"]
+    assert res["budget_met"] == (abs(achieved - 0.2) <= 0.03)
+    assert set(lat["exported"]) >= {"dense_ms", "pruned_ms", "reduction"}
+    assert res["pruned"]["flops_reduction"] > 0  # channels were removed to meet it
