@@ -10,6 +10,12 @@ outputs are closest to the full network's on a stratified held-out slice of the 
 (`val_set`, never the test set); it is extracted (masked here, physically shrunk at export), its BN
 statistics re-estimated, and evaluated as is.
 
+`target=latency`: the budget is the fraction of the dense model's latency removed, and a subnet's
+cost is the latency reduction a per-layer LatencyTable (prune_lab/sparsity/latency.py, timed on CPU
+copies and cached on disk) predicts for it instead of its FLOPs reduction: in the band, the pool,
+the expansion window and the search alike. The chosen subnet is then measured as results.json
+measures it, and both numbers are recorded; the search does not re-solve on a measured miss.
+
 Documented choices (not published in code, exposed as knobs): the evolutionary search
 (`search_*`), subnet mutating expansion (`expansion*`, `elite*`), BN running statistics frozen
 during subnet passes (the released ST code re-estimates them each epoch instead; freezing keeps
@@ -18,6 +24,7 @@ the full network's statistics clean at no cost), and starting from the dense ref
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import random
@@ -28,12 +35,14 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 import torch_pruning as tp
+from omegaconf import DictConfig, OmegaConf
 
 from prune_lab.data.heldout import stratified_slice
 from prune_lab.errors import PruneLabError
+from prune_lab.methods.stp_budget import check_latency_reachable, latency_record, uniform_width_plan
 from prune_lab.methods.stp_sampling import ArchPool, SubnetSampler
 from prune_lab.sparsity.calibration import frozen_bn_stats, recalibrate_bn
-from prune_lab.sparsity.structure import solve_flops_target
+from prune_lab.sparsity.latency import table_for_run
 from prune_lab.sparsity.subnet import DEFAULT_WIDTHS, Arch, SubnetSpace
 
 __all__ = ["ArchPool", "StimulativeTraining", "subnet_kl"]
@@ -55,9 +64,12 @@ class StimulativeTraining(L.Callback):
                  elite_band: float = 0.03, elites: int = 5, elite_updates: int = 10, search: bool = True,
                  search_population: int = 50, search_generations: int = 20, search_parents: int = 10,
                  mutation_prob: float = 0.1, search_images: int = 512, bn_images: int = 2000,
-                 tolerance: float = 0.02, weight_decay: float | None = None, seed: int = 0):
+                 tolerance: float = 0.02, weight_decay: float | None = None, seed: int = 0,
+                 target: str = "flops", latency: dict | None = None):
         if not 0.0 < budget < 1.0:
             raise PruneLabError(f"budget={budget} is outside (0, 1) for stp")
+        if target not in ("flops", "latency"):
+            raise PruneLabError(f"method.target={target} is not one of: flops, latency (for stp)")
         if int(num_subnets) < 1:
             raise PruneLabError(f"method.num_subnets={num_subnets} must be >= 1 (the first is always at the budget)")
         if not 0.0 <= float(expansion_reach) <= 1.0:
@@ -72,6 +84,12 @@ class StimulativeTraining(L.Callback):
         self.search, self.search_population, self.search_generations = search, search_population, search_generations
         self.search_parents, self.mutation_prob, self.search_images = search_parents, mutation_prob, int(search_images)
         self.bn_images, self.tolerance, self.seed = bn_images, tolerance, seed
+        # target=latency: the run's `latency` section (what results.json measures with) and the
+        # table built from it in check(); the budget and the band are then latency reductions
+        self.target = target
+        self.latency = OmegaConf.to_container(latency, resolve=True) if isinstance(latency, DictConfig) \
+            else dict(latency or {})
+        self.table = None
         # STP's own weight decay (the released ST code: 1e-4) without changing module.optimizer's,
         # which also trains the dense reference every variant of a study shares
         self.weight_decay = None if weight_decay is None else float(weight_decay)
@@ -87,19 +105,37 @@ class StimulativeTraining(L.Callback):
 
     @property
     def band(self) -> tuple[float, float]:
-        """The FLOPs reductions the search may return; subnets here are trained every step."""
+        """The reductions (FLOPs, or predicted latency) the search may return; subnets here are
+        trained every step."""
         return self.budget, self.budget + self.tolerance
+
+    @property
+    def measure(self) -> str:
+        return "FLOPs" if self.target == "flops" else "predicted latency"
 
     # -- set-up -----------------------------------------------------------------------
     def check(self, model, example_input) -> None:
-        """Called by the pipeline before training: models without stages, or a budget whose band
-        holds no architecture of the width grid, stop here with one line."""
+        """Called by the pipeline before training: models without stages, a latency budget no
+        subnet reaches, or a budget whose band holds no architecture of the width grid, stop here
+        with one line. target=latency builds the latency table here, once (on CPU copies)."""
         from prune_lab.models import classifier_of
 
+        if self.target == "latency":
+            model, example_input = copy.deepcopy(model).cpu(), example_input.cpu()
         space = SubnetSpace(model, example_input, ignored=[classifier_of(model)[1]], widths=self.widths)
+        if self.target == "latency":
+            if self.table is None:  # a resumed run re-reads the per-device grids from the on-disk cache
+                self.table = table_for_run(space.groups, example_input, self.latency)
+            space.use_table(self.table)
         self.pool = ArchPool(space, self.budget, self.pool_size, self.bins, random.Random(self.seed), self.band)
+        if self.target == "latency":
+            check_latency_reachable(max(self.pool.reduction.values()), self.budget, self.widths, self.table)
+            if not self.search:  # the ablation's latency budget is solved (by shapes) before training too
+                uniform_width_plan(space, [torch.ones(n) for n in space.groups.sizes], self.budget, self.tolerance,
+                                   self.table)
         if not self.pool.in_band():
-            raise PruneLabError(f"stp found no subnet with a FLOPs reduction in [{self.band[0]}, {self.band[1]:.3f}] "
+            raise PruneLabError(f"stp found no subnet with a {self.measure} reduction in "
+                                f"[{self.band[0]}, {self.band[1]:.3f}] "
                                 f"(budget={self.budget}, method.widths={list(self.widths)}); give finer method.widths "
                                 "or a larger method.callbacks.stp.tolerance")
 
@@ -107,9 +143,10 @@ class StimulativeTraining(L.Callback):
         """The subnet space of `model` (the one being trained), its pool and sampler."""
         from prune_lab.models import classifier_of
 
-        self.space = SubnetSpace(model, example_input, ignored=[classifier_of(model)[1]], widths=self.widths)
-        if self.pool is None:  # reductions depend on shapes only: the pool from check() is reused
+        if self.pool is None:  # reductions depend on shapes only: the pool (and table) from check() are reused
             self.check(model, example_input)
+        self.space = SubnetSpace(model, example_input, ignored=[classifier_of(model)[1]], widths=self.widths,
+                                 table=self.table)
         self.sampler = SubnetSampler(self.space, self.pool, self.budget, self.tolerance, self.num_subnets,
                                      self.expansion, self.expansion_reach, self.expansion_window, self.elite_band)
 
@@ -221,8 +258,8 @@ class StimulativeTraining(L.Callback):
         return self.band[0] <= self.pool.reduction[arch] <= self.band[1]
 
     def evolve(self, fitness, rng: random.Random) -> tuple[Arch, list[float]]:
-        """Evolutionary search under the FLOPs budget: never returns an architecture whose FLOPs
-        reduction is below the budget (or more than `tolerance` above it)."""
+        """Evolutionary search under the budget: never returns an architecture whose reduction
+        (FLOPs, or predicted latency) is below the budget (or more than `tolerance` above it)."""
         population = {a for a in self.elites if self._feasible(a)}
         population |= set(self.pool.in_band())
         for _ in range(20000):
@@ -232,7 +269,7 @@ class StimulativeTraining(L.Callback):
             if self._feasible(arch):
                 population.add(arch)
         if not population:
-            raise PruneLabError(f"stp found no subnet with a FLOPs reduction in [{self.budget}, "
+            raise PruneLabError(f"stp found no subnet with a {self.measure} reduction in [{self.budget}, "
                                 f"{self.budget + self.tolerance}]; give finer method.widths")
         population = sorted(population, key=fitness)[:self.search_population]
         history = [fitness(population[0])]
@@ -249,12 +286,6 @@ class StimulativeTraining(L.Callback):
             history.append(fitness(population[0]))
         return population[0], history
 
-    def _uniform_width(self) -> dict[str, torch.Tensor]:
-        """The ablation without search: full depth and the same fraction of every channel group,
-        solved for the budget (not limited to the width grid), cut in the same importance order."""
-        return solve_flops_target(self.space.groups, self.space.flops, self.channel_scores, self.budget,
-                                  "uniform", tolerance=self.tolerance)
-
     # -- extraction -----------------------------------------------------------------------
     def on_fit_end(self, trainer, pl_module):
         if not self.ordered:
@@ -267,7 +298,8 @@ class StimulativeTraining(L.Callback):
             plan, skipped, described = self.space.channel_plan(arch), self.space.skipped_blocks(arch), arch.as_dict()
             kd = fitness(arch)
         else:
-            plan, skipped, described, kd = self._uniform_width(), [], "uniform width, full depth", float("nan")
+            plan = uniform_width_plan(self.space, self.channel_scores, self.budget, self.tolerance, self.table)
+            skipped, described, kd = [], "uniform width, full depth", float("nan")
         search_s = time.time() - t0
         end = self.filter_magnitudes(pl_module.model)
         relative = {"start": self.kept_dropped(self.start_magnitudes, plan, skipped),
@@ -281,6 +313,9 @@ class StimulativeTraining(L.Callback):
                         "kept_dropped_magnitude": relative,
                         "distill": self.distill, "search": self.search, "expansion": self.expansion,
                         "expansion_reach": self.expansion_reach}
+        if self.target == "latency" and trainer.is_global_zero:  # before the masks: a plain copy to shrink
+            self.summary.update(latency_record(self.table, pl_module.model, pl_module.example_input, self.latency,
+                                               plan, skipped))
         self._extract(trainer, pl_module, plan, skipped)
         if trainer.is_global_zero:
             out = Path(trainer.default_root_dir)
@@ -291,6 +326,10 @@ class StimulativeTraining(L.Callback):
                  "band %s, kept/dropped mean |w| %.3f at the start, %.3f at the end", described,
                  self.summary["estimated_flops_reduction"], kd, search_s, "-" if share is None else f"{share:.1%}",
                  relative["start"]["ratio"], relative["end"]["ratio"])
+        if "measured_latency_reduction" in self.summary:
+            log.info("stp: latency reduction %.3f predicted by the table, %.3f measured (budget %.3f)",
+                     self.summary["estimated_latency_reduction"], self.summary["measured_latency_reduction"],
+                     self.budget)
 
     @torch.no_grad()
     def filter_magnitudes(self, model) -> dict[str, torch.Tensor]:

@@ -2,16 +2,18 @@
 
 Two rules, both measurable (tests/test_stp.py):
 - **The budget is trained from the first step.** Every step's first subnet lies in the budget's
-  band, the FLOPs-reduction interval [budget, budget + tolerance] that the final search picks
-  from; so every architecture the search may return has been a student since step 0.
+  band, the reduction interval [budget, budget + tolerance] that the final search picks from;
+  so every architecture the search may return has been a student since step 0.
 - **Subnet mutating expansion** (a documented choice, `expansion`): the other subnets come from a
-  window of FLOPs reduction [centre − window, centre + window] whose centre slides linearly from
+  window of reduction [centre − window, centre + window] whose centre slides linearly from
   the full network (0) to the budget by `reach` of training, then stays there. Half of them are
   mutants of the current elites, accepted only inside the window (bounded on both sides); elites
   are re-ranked by KD fitness among candidates inside a narrow band (± `elite_band`) around the
   centre, since ranking by KL across a wide range always favours the largest subnets.
 Without expansion (`expansion=false`, the ablation) the other subnets come from the whole binned
 pool, as in the released stimulative-training code.
+"Reduction" is the space's measure (`SubnetSpace.reduction`): the FLOPs reduction, or with
+target=latency the latency reduction the table predicts.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from prune_lab.sparsity.subnet import Arch, SubnetSpace
 
 
 class ArchPool:
-    """Random architectures binned by FLOPs reduction, with a bin edge at the budget; the smallest
+    """Random architectures binned by reduction, with a bin edge at the budget; the smallest
     and largest subnet always included, and the budget's band topped up to `band_min` members
     when the space has them."""
 
@@ -31,7 +33,7 @@ class ArchPool:
         archs = {space.smallest(), space.largest()} | {space.random(rng) for _ in range(size)}
         self.reduction = {a: space.reduction(a) for a in archs}
         self.band = band or (budget, budget)
-        # FLOPs reduction of every architecture seen (the pool's and, as a cache, later mutants')
+        # reduction of every architecture seen (the pool's and, as a cache, later mutants')
         found = len(self.in_band()) if band else band_min
         for _ in range(20 * max(size, 100)):  # rare in a fine-grained space: draw until a few are found
             if found >= band_min:
@@ -79,7 +81,7 @@ class SubnetSampler:
 
     # -- the expansion window ----------------------------------------------------------
     def centre(self, progress: float) -> float:
-        """FLOPs reduction the window is centred on at `progress` (fraction of training)."""
+        """Reduction the window is centred on at `progress` (fraction of training)."""
         return self.budget * min(1.0, max(0.0, progress) / self.reach) if self.reach > 0 else self.budget
 
     def region(self, progress: float) -> tuple[float, float]:
@@ -87,7 +89,7 @@ class SubnetSampler:
         return c - self.window, c + self.window
 
     def mutant_within(self, arch: Arch, lo: float, hi: float, rng: random.Random, tries: int = 20) -> Arch | None:
-        """A mutation of `arch` whose FLOPs reduction lies in [lo, hi], or None after `tries`."""
+        """A mutation of `arch` whose reduction lies in [lo, hi], or None after `tries`."""
         for _ in range(tries):
             child = self.space.mutate(arch, rng, self.mutation_prob)
             if lo <= self.reduction(child) <= hi:

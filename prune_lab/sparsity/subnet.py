@@ -50,11 +50,16 @@ def find_stages(model: nn.Module) -> list[tuple[str, nn.Sequential]]:
 
 
 class SubnetSpace:
-    """Depth and width choices of one model, with its channel groups and FLOPs model."""
+    """Depth and width choices of one model, with its channel groups and FLOPs model.
+
+    `reduction(arch)` is the budget's measure: the FLOPs reduction, or, given a latency table
+    (`table`, target=latency), the latency reduction the table predicts for the subnet."""
 
     def __init__(self, model: nn.Module, example_input: torch.Tensor, ignored: list[nn.Module],
-                 widths=DEFAULT_WIDTHS):
+                 widths=DEFAULT_WIDTHS, table=None):
         self.model = model
+        self.table = None
+        self.table_dense_ms = None
         self.stages = find_stages(model)
         self.stage_names = [n for n, _ in self.stages]
         self.num_blocks = [len(s) for _, s in self.stages]
@@ -68,6 +73,14 @@ class SubnetSpace:
         # importance orders (set by `order`); identity until then
         self.channel_order = [torch.arange(n) for n in self.groups.sizes]
         self.block_order = [list(range(1, n)) for n in self.num_blocks]
+        if table is not None:
+            self.use_table(table)
+
+    def use_table(self, table) -> None:
+        """Measure subnets by the latency reduction `table` (a LatencyTable of this model's
+        shapes) predicts instead of their FLOPs reduction."""
+        self.table = table
+        self.table_dense_ms = table.predict_ms(None)  # fixed: computed once, not on every call
 
     def _stage_of(self, entries) -> int:
         """A group belongs to the first stage whose layers produce its channels (the stem's
@@ -123,8 +136,16 @@ class SubnetSpace:
     def macs(self, arch: Arch) -> int:
         return self.flops.macs(self.channel_plan(arch), skip=self.skipped_blocks(arch))
 
-    def reduction(self, arch: Arch) -> float:
+    def flops_reduction(self, arch: Arch) -> float:
         return 1.0 - self.macs(arch) / self.dense_macs
+
+    def latency_reduction(self, arch: Arch) -> float:
+        """The table's predicted latency reduction (LatencyTable.reduction, its dense prediction cached)."""
+        return 1.0 - self.table.predict_ms(self.channel_plan(arch), self.skipped_blocks(arch)) / self.table_dense_ms
+
+    def reduction(self, arch: Arch) -> float:
+        """The budget's measure of `arch`: its predicted latency reduction with a table, else its FLOPs reduction."""
+        return self.flops_reduction(arch) if self.table is None else self.latency_reduction(arch)
 
     # -- running a subnet inside the full model -----------------------------------------
     @contextmanager
