@@ -300,7 +300,7 @@ def run(cfg: DictConfig) -> dict:
     # a latency budget is judged on each model's fastest round (other work on the machine only adds time)
     achieved = {"params": pruned["sparsity"], "flops": pruned["flops_reduction"],
                 "latency": 1.0 - fastest["pruned"] / fastest["dense"]}[target]
-    tol = {"params": 0.005, "flops": 0.02, "latency": float(lat_cfg.get("tolerance", 0.03))}[target]
+    tol = {"params": 0.005, "flops": 0.02, "latency": float(lat_cfg.get("tolerance", 0.04))}[target]
     if cfg.method.name != "dense" and abs(achieved - cfg.budget) > tol:
         log.warning("achieved %s reduction %.4f is outside ±%.3f of budget %.3f", target, achieved, tol, cfg.budget)
     latency = {"device": "cpu", "batch_size": lat_cfg.batch_size, "channels_last": cl, **applied,

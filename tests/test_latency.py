@@ -246,6 +246,6 @@ def test_latency_run_records_table_measurement_and_exported_model(tmp_path, dens
     assert plan["predicted_reduction"] >= 0.0 and plan["table"]["signatures"] > 0
     lat = res["latency"]
     achieved = 1 - lat["pruned_min_ms"] / lat["dense_min_ms"]
-    assert res["budget_met"] == (abs(achieved - 0.2) <= 0.03)
+    assert res["budget_met"] == (abs(achieved - 0.2) <= 0.04)
     assert set(lat["exported"]) >= {"dense_ms", "pruned_ms", "reduction"}
     assert res["pruned"]["flops_reduction"] > 0  # channels were removed to meet it

@@ -272,7 +272,7 @@ class MaskUpdate(L.Callback):
             by_root = dict(zip(groups.roots, scores))
             cpu_scores = [by_root[r] for r in cpu_groups.roots]
             table = table_for_run(cpu_groups, example, self.latency)
-            tol = float(self.latency.get("tolerance", 0.03))
+            tol = float(self.latency.get("tolerance", 0.04))
 
             def solve(asked):
                 return solve_latency_target(cpu_groups, table, cpu_scores, asked, self.allocation, self.distribution,
