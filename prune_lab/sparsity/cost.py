@@ -28,9 +28,11 @@ def weight_macs(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]
     return {f"{m}.weight" if m else "weight": v for m, v in layer_macs(model, example_input).items()}
 
 
-def mask_densities(masks, names) -> dict[str, float]:
-    """Fraction of True entries of each mask (1.0 for parameters without an active mask)."""
-    return {n: float(masks[n].float().mean()) if n in masks.active else 1.0 for n in names}
+def mask_densities(masks, names) -> dict:
+    """Fraction of True entries of each mask (1.0 for parameters without an active mask), as
+    0-dim tensors on the masks' device: accumulated there, read back only when a record is written
+    (a float() per layer and step would be a device sync every step on a GPU)."""
+    return {n: masks[n].double().mean() if n in masks.active else 1.0 for n in names}  # float64: summed over many steps
 
 
 class TrainingCost:
@@ -53,10 +55,10 @@ class TrainingCost:
 
     @property
     def ratio(self) -> float:
-        return self.total / max(self.steps * self.dense_step, 1)
+        return float(self.total) / max(self.steps * self.dense_step, 1)
 
     def state_dict(self) -> dict:
-        return {"total": self.total, "steps": self.steps}
+        return {"total": float(self.total), "steps": self.steps}
 
     def load_state_dict(self, state: dict) -> None:
         self.total, self.steps = float(state["total"]), int(state["steps"])
