@@ -23,7 +23,7 @@ from conftest import ROOT
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-BATCH_KEYS = {"table", "meet_latency", "dense", "ours", "tp", "rounds_ms", "noise", "goal_fraction"}
+BATCH_KEYS = {"table", "meet_latency", "dense", "ours", "tp", "rounds_ms", "noise", "goal_fraction", "wall_s"}
 PRUNED_KEYS = {"latency_ms", "measured_speedup", "measured_reduction", "fraction_of_target", "flops",
                "flops_reduction", "params", "params_reduction"}
 

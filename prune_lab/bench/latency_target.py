@@ -108,7 +108,7 @@ def latency_target_speedup(target: float = 0.5, batches: tuple[int, ...] = (1, 1
     rounds of dense/pruned time, measured_reduction = 1 − 1/measured_speedup, fraction_of_target =
     measured_speedup / target_speedup), `tp` also its pruning_ratio and bisection tries,
     `rounds_ms` (the interleaved per-round times the medians come from), `noise` (the same
-    dense/ours pair's reduction measured noise_k times: mean, std) and `goal_fraction`."""
+    dense/ours pair's reduction measured noise_k times: mean, std), `goal_fraction` and `wall_s`."""
     if not 0.0 < target < 1.0:
         raise PruneLabError(f"latency target={target!r}: expected the fraction of the dense latency to remove, in (0, 1)")
     model = (model or torchvision.models.resnet50(num_classes=1000)).eval()
@@ -125,7 +125,8 @@ def latency_target_speedup(target: float = 0.5, batches: tuple[int, ...] = (1, 1
            "cache_dir": str(cache_dir) if cache_dir else None, "threads": torch.get_num_threads()}
     for batch in batches:
         lat = {**settings, "batch_size": int(batch), "table_points": points, "table_cache": cache_dir}
-        before, t0 = _grid_files(cache_dir), time.perf_counter()
+        before = _grid_files(cache_dir)
+        t_batch = t0 = time.perf_counter()
         table = table_for_run(groups, x1, lat)
         build_s = time.perf_counter() - t0
 
@@ -153,5 +154,6 @@ def latency_target_speedup(target: float = 0.5, batches: tuple[int, ...] = (1, 1
         res["meet_latency"] = history
         res["noise"] = reduction_noise(model, ours, x1, lat, noise_k)
         res["goal_fraction"] = GOALS.get(int(batch))
+        res["wall_s"] = time.perf_counter() - t_batch
         out[f"batch{batch}"] = res
     return out
