@@ -3,6 +3,7 @@
     python scripts/bench.py --quick --out bench.json     # < 5 min on 2 CPU cores
     python scripts/bench.py --out bench.json             # full: more repeats, ResNet-50 training too
     python scripts/bench.py --device cuda --amp bf16 --compile    # on a GPU: bf16 autocast, torch.compile
+    python scripts/bench.py --only latency --latency-target 0.5 --out bench_latency.json   # issue 18 alone
 
 Every figure is a ratio against a baseline measured in the same process, from medians over
 interleaved repeats (dense, masked, dense, masked, ...), so slow drift of the machine cancels.
@@ -24,6 +25,7 @@ import torch
 import torchvision
 
 from prune_lab.bench.deployment import realized_speedup
+from prune_lab.bench.latency_target import latency_target_speedup
 from prune_lab.bench.training import (channels_last_gain, peak_memory, stp_search_cost, train_overhead,
                                       unipts_search_cost, update_cost)
 from prune_lab.models import create_model
@@ -38,7 +40,25 @@ def main() -> int:
                     help="where training is timed (latency is always measured on CPU too)")
     ap.add_argument("--amp", choices=("none", "bf16"), default="none", help="autocast for the training steps")
     ap.add_argument("--compile", action="store_true", help="torch.compile the forward of both models timed in training")
+    ap.add_argument("--size", type=int, default=224, help="ResNet-50 input size of the speed-up benchmarks")
+    ap.add_argument("--only", choices=("latency",), help="run only this section (latency: the latency-target one)")
+    lat = ap.add_argument_group("latency target (issue 18): ResNet-50 pruned to a measured latency budget, "
+                                "batch 1 and 16, served on CPU, against torch-pruning's uniform at equal latency")
+    lat.add_argument("--latency-target", type=float, help="fraction of the dense latency to remove (default with "
+                                                          "--only latency: 0.5; otherwise the section is skipped)")
+    lat.add_argument("--latency-round-to", type=int, default=8, help="kept channels rounded to this multiple")
+    lat.add_argument("--table-points", type=int, default=8, help="latency-table grid points per channel dimension")
+    lat.add_argument("--table-cache", default="outputs/latency_tables",
+                     help="where measured table grids are cached ('none': not cached; a fresh folder re-measures)")
+    lat.add_argument("--latency-tolerance", type=float, default=0.02,
+                     help="meet_latency stops within half of this of the target")
+    lat.add_argument("--latency-rounds", type=int, default=3, help="meet_latency's measured correction rounds")
+    lat.add_argument("--noise-k", type=int, default=5, help="measurements of one dense/pruned pair for the noise")
     args = ap.parse_args()
+    if args.only == "latency" and args.latency_target is None:
+        args.latency_target = 0.5
+    if args.latency_target is not None and not 0 < args.latency_target < 1:
+        ap.error(f"--latency-target {args.latency_target}: expected a fraction of the dense latency in (0, 1)")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device is visible to torch")
@@ -51,6 +71,18 @@ def main() -> int:
     res: dict = {"env": {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor(),
                          "device": device, "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
                          "amp": amp, "compile": args.compile, "quick": quick}}
+    if args.latency_target is not None:
+        res["latency_target"] = latency_target_speedup(
+            args.latency_target, batches=(1, 16), size=args.size, points=args.table_points,
+            cache_dir=None if args.table_cache == "none" else args.table_cache, round_to=args.latency_round_to,
+            tolerance=args.latency_tolerance, rounds=args.latency_rounds, repeats=9 if quick else 21,
+            noise_k=args.noise_k)
+    if args.only == "latency":
+        res["wall_s"] = time.time() - t_start
+        args.out.write_text(json.dumps(res, indent=2))
+        print_latency_table(res["latency_target"])
+        print(f"wrote {args.out} in {res['wall_s']:.0f} s")
+        return 0
     batch = 64 if quick and device == "cpu" else 128
     r20 = create_model("resnet20", num_classes=10).to(device)
     x, y = torch.randn(batch, 3, 32, 32, device=device), torch.randint(0, 10, (batch,), device=device)
@@ -71,7 +103,7 @@ def main() -> int:
                                                        rounds=6 if quick else 12, sync=sync, amp=amp)
     res["update_cost"] = update_cost(x, y, sync)
     res["update_cost_fraction"] = res["update_cost"][res["update_cost"]["worst"]]["fraction"]
-    res["speedup"] = realized_speedup(0.85, batches=(1, 16), size=224, repeats=9 if quick else 21,
+    res["speedup"] = realized_speedup(0.85, batches=(1, 16), size=args.size, repeats=9 if quick else 21,
                                       round_to=args.round_to, device=device)
     # the contract figures: CPU, batch 16, the deployment results.json measures (channels-last, BN folded)
     # the contract figures: CPU, batch 16, both pruned models served the way PyTorch serves an
@@ -152,8 +184,32 @@ def print_table(res: dict, out: Path) -> None:
             t3.add_row(n, f"{100 * ours[n]['ms'] / total_ms:.1f} %", f"{100 * ours[n]['macs'] / total_macs:.1f} %",
                        rate(ours[n]), rate(dense.get(n)))
         console.print(t3)
+    if "latency_target" in res:
+        print_latency_table(res["latency_target"])
     print(f"wrote {out} in {res['wall_s']:.0f} s")
 
+
+def print_latency_table(lt: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"ResNet-50 {lt['input']}², {100 * lt['target']:.0f} % of served latency removed: speed-up "
+                    f"(fraction of {lt['target_speedup']:.2f}×); torch-pruning at prune_lab's measured latency")
+    for col in ("batch", "dense", "prune_lab", "torch-pruning", "goal", "table/measured", "noise", "table"):
+        t.add_column(col, justify="right")
+    for key, r in lt.items():
+        if not key.startswith("batch"):
+            continue
+        cells = [f"{r[w]['measured_speedup']:.2f}× ([bold]{r[w]['fraction_of_target']:.2f}[/bold])" for w in ("ours", "tp")]
+        chosen = min(r["meet_latency"], key=lambda h: abs(h["measured"] - lt["target"]))
+        n = r["noise"]
+        t.add_row(key.removeprefix("batch"), f"{r['dense']['latency_ms']:.1f} ms", *cells,
+                  f"≥ {r['goal_fraction']:.2f}" if r["goal_fraction"] else "",
+                  f"{chosen['predicted']:.2f}/{chosen['measured']:.2f} ({len(r['meet_latency'])} r.)",
+                  f"±{n['std']:.3f}", f"{r['table']['build_s']:.0f} s")
+    Console().print(t)
+    print("  table/measured: the table's predicted reduction of the chosen plan / its measured reduction after "
+          "meet_latency's rounds (r.); noise: std of one pair's measured reduction (bench.json: latency_target)")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -78,17 +78,24 @@ def layer_profile(model, served, x, repeats: int = 3) -> dict[str, dict]:
     return out
 
 
+def tp_uniform(model, x, ratio: float):
+    """A copy of `model` pruned by torch-pruning's own uniform pruning: MagnitudePruner (L1 group
+    magnitude), the same `ratio` of channels removed from every layer, the classifier kept."""
+    m = copy.deepcopy(model)
+    pruner = tp.pruner.MagnitudePruner(m, x, importance=tp.importance.GroupMagnitudeImportance(p=1),
+                                       pruning_ratio=ratio, ignored_layers=[classifier_of(m)[1]])
+    pruner.step()
+    return m.eval()
+
+
 def torch_pruning_uniform(model, x, target: float):
-    """torch-pruning's own uniform pruning (MagnitudePruner, one ratio for every layer), the ratio
-    bisected so the FLOPs reduction matches ours."""
+    """torch-pruning's own uniform pruning (`tp_uniform`), the ratio bisected so the FLOPs
+    reduction matches ours."""
     base = count_flops(model, x)
     lo, hi, best = 0.0, 0.99, None
     for _ in range(12):
         ratio = (lo + hi) / 2
-        m = copy.deepcopy(model)
-        pruner = tp.pruner.MagnitudePruner(m, x, importance=tp.importance.GroupMagnitudeImportance(p=1),
-                                           pruning_ratio=ratio, ignored_layers=[classifier_of(m)[1]])
-        pruner.step()
+        m = tp_uniform(model, x, ratio)
         red = 1 - count_flops(m, x) / base
         if best is None or abs(red - target) < abs(best[1] - target):
             best = (m, red, ratio)
