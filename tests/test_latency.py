@@ -196,12 +196,12 @@ def test_latency_plan_is_reused_on_resume_and_broadcast_free_on_one_process(fake
                              device=torch.device("cpu"),
                              _trainer=SimpleNamespace(default_root_dir=str(tmp_path), is_global_zero=True))
     scores = groups.scores(Magnitude(p=1).channel_scorer())
-    cb = MaskUpdate(budget=0.3, target="latency", latency=dict(batch_size=4, table_points=4,
-                                                                table_cache=str(tmp_path / "t")))
+    cb = MaskUpdate(budget=0.3, target="latency", latency_importance="criterion",
+                    latency=dict(batch_size=4, table_points=4, table_cache=str(tmp_path / "t")))
     first = cb._latency_plan(module, groups, scores, 0.3)
     assert len(measured) == 1 and (tmp_path / "latency_plan.json").exists()
-    again = MaskUpdate(budget=0.3, target="latency", latency=dict(batch_size=4, table_points=4,
-                                                                   table_cache=str(tmp_path / "t")))
+    again = MaskUpdate(budget=0.3, target="latency", latency_importance="criterion",
+                       latency=dict(batch_size=4, table_points=4, table_cache=str(tmp_path / "t")))
     second = again._latency_plan(module, groups, scores, 0.3)
     assert len(measured) == 1  # not measured again
     assert all(torch.equal(first[r], second[r]) for r in first)
@@ -249,3 +249,19 @@ def test_latency_run_records_table_measurement_and_exported_model(tmp_path, dens
     assert res["budget_met"] == (abs(achieved - 0.2) <= 0.04)
     assert set(lat["exported"]) >= {"dense_ms", "pruned_ms", "reduction"}
     assert res["pruned"]["flops_reduction"] > 0  # channels were removed to meet it
+
+
+def test_min_keep_floor_and_values_decide_the_allocation(fake_timing, tmp_path):
+    """min_keep: no group under ⌈min_keep·size⌉ channels. values: while a group whose channels are
+    worth nothing can still be cut, no channel of worth goes (ratio greedy on the values)."""
+    _, x, groups = model_and_groups()
+    table = LatencyTable(groups, x, batch_size=4, points=4, cache_dir=tmp_path)
+    scores = groups.scores(Magnitude(p=1).channel_scorer())
+    plan, _ = solve_latency_target(groups, table, scores, 0.5, "halp", min_keep=0.25)
+    for root, size in zip(groups.roots, groups.sizes):
+        assert int(plan[root].sum()) >= math.ceil(0.25 * size)
+    free = max(range(len(groups.sizes)), key=lambda g: groups.sizes[g])
+    values = [torch.zeros(s) if g == free else torch.ones(s) for g, s in enumerate(groups.sizes)]
+    plan, _ = solve_latency_target(groups, table, scores, 0.05, "halp", values=values, min_keep=0.25)
+    assert int(plan[groups.roots[free]].sum()) < groups.sizes[free]  # the budget is met from the free group
+    assert all(bool(plan[r].all()) for g, r in enumerate(groups.roots) if g != free)

@@ -64,6 +64,14 @@ class MaskUpdate(L.Callback):
         allocation: target=latency only: "halp" (importance kept per ms, greedy on the latency
             table) or "flops" (the FLOPs-target allocation of `distribution`, its FLOPs budget set
             so that its latency meets the budget: the comparison plan).
+        latency_importance: target=latency, allocation=halp: what a removed channel costs the
+            knapsack: "taylor" (HALP's: BN Taylor saliency (γ·∂L/∂γ + β·∂L/∂β)² summed over
+            `latency.taylor_batches` training batches, BN statistics untouched) or "criterion"
+            (the log share of the method's own scores kept per group). Which channels of a group
+            go is always the method's criterion.
+        min_keep: target=latency, allocation=halp: no channel group keeps fewer than this fraction
+            of its channels (0: one channel). The one-shot greedy otherwise cut the residual
+            streams of the benchmark's ResNet-14 to 1–4 channels (README).
         latency: target=latency only: the run's `latency` config section (how latency is measured,
             the table's grid, cache and tolerance, the correction rounds).
         dense_stem: unstructured only: keep the first conv/linear layer dense, as RigL's paper
@@ -72,7 +80,8 @@ class MaskUpdate(L.Callback):
 
     def __init__(self, budget: float, target: str = "params", importance="magnitude", distribution: str = "uniform",
                  schedule=None, round_to: int = 1, tolerance: float = 0.02, shrink_at_start: bool = False,
-                 pattern: str | None = None, dense_stem: bool = False, allocation: str = "halp", latency=None):
+                 pattern: str | None = None, dense_stem: bool = False, allocation: str = "halp", latency=None,
+                 latency_importance: str = "taylor", min_keep: float = 0.0):
         if target not in TARGETS:
             raise PruneLabError(f"unknown target '{target}'; choose one of: {', '.join(TARGETS)}")
         allowed = DISTRIBUTIONS if target == "params" else ("uniform", "global")
@@ -86,7 +95,12 @@ class MaskUpdate(L.Callback):
         self.last_update_step = -1
         if target == "latency" and allocation not in ALLOCATIONS:
             raise PruneLabError(f"method.allocation={allocation} is not one of: {', '.join(ALLOCATIONS)}")
-        self.allocation = allocation
+        if latency_importance not in ("taylor", "criterion"):
+            raise PruneLabError(f"method.latency_importance={latency_importance} is not one of: taylor, criterion")
+        if not 0.0 <= float(min_keep) < 1.0:
+            raise PruneLabError(f"method.min_keep={min_keep} is outside [0, 1): the smallest fraction of a "
+                                "group's channels a latency plan keeps")
+        self.allocation, self.latency_importance, self.min_keep = allocation, latency_importance, float(min_keep)
         self.latency = _plain(latency) if latency is not None and target == "latency" else {}
         self.latency_record: dict = {}
         if shrink_at_start and (target == "params" or not isinstance(self.schedule, OneShot) or self.schedule.at != 0):
@@ -125,7 +139,7 @@ class MaskUpdate(L.Callback):
         if len(groups) == 0:
             return  # check_structured refuses this with its own line
         table = table_for_run(groups, example_input, self.latency)
-        top = max_reduction(groups, table, self.round_to)
+        top = max_reduction(groups, table, self.round_to, self.min_keep if self.allocation == "halp" else 0.0)
         if self.budget > top:
             raise PruneLabError(f"budget={self.budget:g} (latency) is out of reach on this model: the latency table "
                                 f"predicts at most {top:.3f} with every channel group at its minimum")
@@ -255,7 +269,9 @@ class MaskUpdate(L.Callback):
 
         trainer = pl_module._trainer
         saved = Path(trainer.default_root_dir) / "latency_plan.json" if trainer is not None else None
-        key = {"budget": sparsity, "allocation": self.allocation, "sizes": dict(zip(groups.roots, groups.sizes))}
+        key = {"budget": sparsity, "allocation": self.allocation, "importance": self.latency_importance,
+               "min_keep": self.min_keep,
+               "sizes": dict(zip(groups.roots, groups.sizes))}
         plan = None
         if saved is not None and saved.exists():
             stored = json.loads(saved.read_text())
@@ -271,18 +287,24 @@ class MaskUpdate(L.Callback):
                                                                                          pl_module.classifier))])
             by_root = dict(zip(groups.roots, scores))
             cpu_scores = [by_root[r] for r in cpu_groups.roots]
+            values = None
+            if self.allocation == "halp" and self.latency_importance == "taylor":
+                by_root = dict(zip(groups.roots, self._taylor_values(pl_module, groups)))
+                values = [by_root[r] for r in cpu_groups.roots]
             table = table_for_run(cpu_groups, example, self.latency)
             tol = float(self.latency.get("tolerance", 0.04))
 
             def solve(asked):
                 return solve_latency_target(cpu_groups, table, cpu_scores, asked, self.allocation, self.distribution,
-                                            self.round_to)
+                                            self.round_to, values, self.min_keep)
 
             def measure(p):
                 return measured_reduction(cpu, p, example, self.latency)["reduction"]
 
             plan, history = meet_latency(solve, measure, sparsity, tol, int(self.latency.get("rounds", 3)))
-            self.latency_record = {"allocation": self.allocation, "budget": sparsity, "tolerance": tol,
+            self.latency_record = {"allocation": self.allocation, "importance": self.latency_importance,
+                                   "min_keep": self.min_keep,
+                                   "budget": sparsity, "tolerance": tol,
                                    "table": table.describe(), "rounds": history,
                                    "predicted_reduction": table.reduction(plan),
                                    "measured_reduction": min(history, key=lambda h: abs(h["measured"] - sparsity))
@@ -296,6 +318,32 @@ class MaskUpdate(L.Callback):
             dist.broadcast_object_list(box, src=0)
             plan, self.latency_record = box
         return {r: k.to(pl_module.device) for r, k in plan.items()}
+
+    def _taylor_values(self, pl_module, groups) -> list[torch.Tensor]:
+        """HALP's channel saliency, (γ·∂L/∂γ + β·∂L/∂β)² per channel summed over the group's batch
+        norms, accumulated over the first `latency.taylor_batches` training batches (training
+        data only); eval mode, so BN running statistics are not touched."""
+        from prune_lab.sparsity.importance import TaylorBN
+
+        model, trainer = pl_module.model, pl_module._trainer
+        if trainer is None or getattr(trainer, "datamodule", None) is None:
+            raise PruneLabError("method.latency_importance=taylor needs the run's training data; "
+                                "use method.latency_importance=criterion")
+        scorer, total = TaylorBN().channel_scorer(), [torch.zeros(s) for s in groups.sizes]
+        was_training = model.training
+        model.eval()
+        try:
+            for i, (x, y) in enumerate(trainer.datamodule.train_dataloader()):
+                if i >= int(self.latency.get("taylor_batches", 8)):
+                    break
+                model.zero_grad(set_to_none=True)
+                with torch.enable_grad():
+                    F.cross_entropy(model(x.to(pl_module.device)), y.to(pl_module.device)).backward()
+                total = [t + s for t, s in zip(total, groups.scores(scorer))]
+        finally:
+            model.zero_grad(set_to_none=True)
+            model.train(was_training)
+        return total
 
     @staticmethod
     def _fill_grads(pl_module, batch) -> None:

@@ -19,32 +19,41 @@ from prune_lab.sparsity.structure import ChannelGroups, solve_flops_target
 log = logging.getLogger(__name__)
 
 
-def _kept_levels(size: int, round_to: int) -> list[int]:
-    """Kept counts a group steps through, largest first: every count, or multiples of round_to."""
-    return [k for k in range(size - 1, 0, -1) if round_to <= 1 or k % round_to == 0]
+def _kept_levels(size: int, round_to: int, min_keep: float = 0.0) -> list[int]:
+    """Kept counts a group steps through, largest first: every count, or multiples of round_to,
+    down to max(1, ⌈min_keep · size⌉)."""
+    floor = max(1, math.ceil(min_keep * size - 1e-9))
+    return [k for k in range(size - 1, floor - 1, -1) if round_to <= 1 or k % round_to == 0]
 
 
 class _Greedy:
     """The ratio greedy of the latency knapsack: state = channels pruned per group (lowest
-    importance first); a step moves one group to its next kept level.
+    `scores` first: the method's own criterion decides *which* channels go); a step moves one
+    group to its next kept level, the one that loses the least value per ms saved.
 
-    The value of a group is the log of the importance share it keeps, log(Σ kept s / Σ s), and
-    the plan maximises the sum over groups. HALP sums Taylor importances, which are comparable
-    across layers; L1 norms or BN scales are not, and with a plain sum (even group-normalised)
-    the greedy cut thin, slow layers down to one channel (measured: ResNet-8 at 30 % latency, two
-    groups left with 1 of 32/64 channels). The log share is scale-free per group and makes each
-    further cut of a group dearer as the group shrinks. Our choice; METHODS.md/README say so."""
+    The value lost: with `values` (HALP: BN Taylor saliencies, comparable across layers) the sum
+    of the removed channels' values; without, the log of the importance share a group keeps,
+    log(Σ kept s / Σ s), summed over groups — scale-free for criteria that do not compare across
+    layers (L1 norms, BN scales), each further cut of a group dearer as it shrinks. The log share
+    was the first implementation; on Fashion-MNIST it cut the stem's residual stream to 1 of 16
+    channels at 50 % latency and lost to the FLOPs plan (README), so HALP's Taylor values are the
+    default (`method.latency_importance`)."""
 
-    def __init__(self, groups: ChannelGroups, table: LatencyTable, scores: list[torch.Tensor], round_to: int):
+    def __init__(self, groups: ChannelGroups, table: LatencyTable, scores: list[torch.Tensor], round_to: int,
+                 values: list[torch.Tensor] | None = None, min_keep: float = 0.0):
         self.table, self.sizes, self.roots = table, groups.sizes, groups.roots
         self.order = [torch.sort(s.float(), stable=True).indices for s in scores]
-        # kept importance share after pruning the k lowest: 1 - cum[k] / total (floored: no log 0)
+        # cum[g][k]: the group's value with its k lowest-scored channels removed (decreasing in k)
         self.cum = []
-        for s in scores:
+        for g, s in enumerate(scores):
+            if values is not None:
+                v = values[g].double().clamp_min(0)[self.order[g]]
+                self.cum.append([-c for c in [0.0] + torch.cumsum(v, 0).tolist()])
+                continue
             v = torch.sort(s.double().clamp_min(0), stable=True).values
-            total = float(v.sum()) or 1.0
+            total = float(v.sum()) or 1.0  # kept share after removing the k lowest, floored: no log 0
             self.cum.append([math.log(max(1.0 - c / total, 1e-9)) for c in [0.0] + torch.cumsum(v, 0).tolist()])
-        self.levels = [_kept_levels(size, round_to) for size in self.sizes]
+        self.levels = [_kept_levels(size, round_to, min_keep) for size in self.sizes]
         self.pos = [0] * len(self.sizes)
         self.pruned = [0] * len(self.sizes)
         self.dropped = [torch.zeros(size, dtype=torch.bool) for size in self.sizes]
@@ -73,7 +82,7 @@ class _Greedy:
         if self.pos[g] >= len(self.levels[g]):
             return None
         new_pruned = self.sizes[g] - self.levels[g][self.pos[g]]
-        d_imp = self.cum[g][self.pruned[g]] - self.cum[g][new_pruned]  # log-share lost (≥ 0)
+        d_imp = self.cum[g][self.pruned[g]] - self.cum[g][new_pruned]  # value lost (≥ 0)
         d_ms = 0.0
         for name, (d_in, d_out) in self._changes(g, new_pruned).items():
             cin, cout = self.kept[name]
@@ -114,15 +123,18 @@ class _Greedy:
 
 
 def solve_latency_target(groups: ChannelGroups, table: LatencyTable, scores: list[torch.Tensor], target: float,
-                         allocation: str = "halp", distribution: str = "uniform",
-                         round_to: int = 1) -> tuple[dict[str, torch.Tensor], float]:
+                         allocation: str = "halp", distribution: str = "uniform", round_to: int = 1,
+                         values: list[torch.Tensor] | None = None,
+                         min_keep: float = 0.0) -> tuple[dict[str, torch.Tensor], float]:
     """A plan whose *predicted* latency reduction is `target` (at least, for `halp`; the closest,
-    for `flops`), and that predicted reduction. Unreachable targets raise PruneLabError."""
+    for `flops`), and that predicted reduction. Within a group channels go in `scores` order;
+    `values` (halp only): what a removed channel costs (see `_Greedy`); `min_keep` (halp only):
+    no group keeps fewer than this fraction of its channels. Unreachable targets raise PruneLabError."""
     if allocation not in ALLOCATIONS:
         raise PruneLabError(f"unknown latency allocation '{allocation}'; choose one of: {', '.join(ALLOCATIONS)}")
     dense_ms = table.predict_ms(None)
     if allocation == "halp":
-        greedy = _Greedy(groups, table, scores, round_to)
+        greedy = _Greedy(groups, table, scores, round_to, values, min_keep)
         while greedy.ms > (1.0 - target) * dense_ms:
             if not greedy.step():
                 raise PruneLabError(f"budget={target:g} (latency) is not reachable on this model: with every group "
@@ -149,11 +161,11 @@ def solve_latency_target(groups: ChannelGroups, table: LatencyTable, scores: lis
     return best[1], best[0]
 
 
-def max_reduction(groups: ChannelGroups, table: LatencyTable, round_to: int = 1) -> float:
+def max_reduction(groups: ChannelGroups, table: LatencyTable, round_to: int = 1, min_keep: float = 0.0) -> float:
     """The predicted latency reduction with every group at its smallest kept count."""
     plan = {}
     for root, size in zip(groups.roots, groups.sizes):
-        levels = _kept_levels(size, round_to) or [size]
+        levels = _kept_levels(size, round_to, min_keep) or [size]
         keep = torch.zeros(size, dtype=torch.bool)
         keep[:levels[-1]] = True
         plan[root] = keep
