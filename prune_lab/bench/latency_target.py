@@ -121,7 +121,7 @@ def latency_target_speedup(target: float = 0.5, batches: tuple[int, ...] = (1, 1
     settings = {**SERVED, **(latency or {})}
     out = {"model": type(model).__name__, "input": size, "target": target, "target_speedup": target_speedup,
            "round_to": round_to, "points": points, "tolerance": tolerance, "rounds": rounds,
-           "allocation": "halp", "scores": "l1 magnitude", "latency": settings,
+           "allocation": "halp", "scores": "l1 magnitude (log share), min_keep 0.25", "latency": settings,
            "cache_dir": str(cache_dir) if cache_dir else None, "threads": torch.get_num_threads()}
     for batch in batches:
         lat = {**settings, "batch_size": int(batch), "table_points": points, "table_cache": cache_dir}
@@ -131,7 +131,10 @@ def latency_target_speedup(target: float = 0.5, batches: tuple[int, ...] = (1, 1
         build_s = time.perf_counter() - t0
 
         def solve(asked):
-            return solve_latency_target(groups, table, scores, asked, allocation="halp", round_to=round_to)
+            # a random-init model has no training signal for HALP's Taylor values: L1 log share, with
+            # the runs' default floor (min_keep 0.25)
+            return solve_latency_target(groups, table, scores, asked, allocation="halp", round_to=round_to,
+                                        min_keep=0.25)
 
         def measure(plan):
             return measured_reduction(model, plan, x1, lat)["reduction"]
