@@ -16,6 +16,7 @@ from torch import nn
 
 from prune_lab.models import build_from_spec
 from prune_lab.sparsity import MaskSet, shrink
+from prune_lab.sparsity.measure import inference_copy
 
 
 def deployable(model: nn.Module, masks: MaskSet, example_input: torch.Tensor) -> nn.Module:
@@ -44,7 +45,10 @@ def remove_modules(model: nn.Module, names: list[str]) -> None:
 
 
 def save_model(run_dir: Path, model: nn.Module, spec: dict, plan: dict[str, torch.Tensor],
-               example_input: torch.Tensor, removed: list[str] = ()) -> None:
+               example_input: torch.Tensor, removed: list[str] = (), fold_bn: bool = False) -> None:
+    """model.safetensors + model.json (the model as built, BN separate) and model.pt2: the program
+    as served, with every BatchNorm that follows a conv/linear folded into it when `fold_bn` (the
+    run's `latency.fold_bn`), so timing the deliverable times what results.json's latency measured."""
     run_dir = Path(run_dir)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(run_dir / "model.safetensors"))
@@ -61,7 +65,8 @@ def save_model(run_dir: Path, model: nn.Module, spec: dict, plan: dict[str, torc
     (run_dir / "model.json").write_text(json.dumps(meta, indent=1))
     batch = torch.export.Dim("batch", min=1, max=65536)
     x = example_input[:1].expand(2, *example_input.shape[1:]).contiguous().cpu()
-    program = torch.export.export(model.cpu().eval(), (x,), dynamic_shapes=({0: batch},))
+    served = inference_copy(model.cpu(), channels_last=False, fold_bn=True)[0] if fold_bn else model.cpu().eval()
+    program = torch.export.export(served, (x,), dynamic_shapes=({0: batch},))
     torch.export.save(program, str(run_dir / "model.pt2"))
 
 

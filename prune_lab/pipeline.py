@@ -286,7 +286,8 @@ def run(cfg: DictConfig) -> dict:
         x = torch.randn(4, *example.shape[1:], generator=torch.Generator().manual_seed(0))
         export_diff = float((masked(x) - final(x)).abs().max())
     plan = {k: v.cpu() for k, v in module.masks.channel_plan.items()}
-    export.save_model(out_dir, final, model.prune_lab_spec, plan, example.cpu(), module.masks.removed)
+    export.save_model(out_dir, final, model.prune_lab_spec, plan, example.cpu(), module.masks.removed,
+                      fold_bn=bool(cfg.latency.get("fold_bn", False)))
 
     dense_costs = {"params": dense["params"], "flops": dense["flops"]}
     pruned = {**pruned_metrics, **report.pruned_costs(dense_model, final, example.cpu(), dense_costs)}

@@ -120,9 +120,10 @@ def summary_table(results: dict):
 
 
 def exported_latency(pt2: Path, dense: nn.Module, example_input: torch.Tensor, latency) -> dict:
-    """The saved `model.pt2` (as `torch.export.load(...).module()` runs it: NCHW input, BN as
-    exported) timed against the dense model exported the same way, interleaved, at the run's latency
-    batch size: the deliverable as an independent check times it, beside the served measurement."""
+    """The saved `model.pt2` (as `torch.export.load(...).module()` runs it: NCHW input, BN folded
+    when the run's latency folds it, as export does) timed against the dense model exported the same
+    way, interleaved, at the run's latency batch size: the deliverable as an independent check
+    times it, beside the served measurement."""
     import copy
     import statistics
 
@@ -131,10 +132,14 @@ def exported_latency(pt2: Path, dense: nn.Module, example_input: torch.Tensor, l
     pruned = torch.export.load(str(pt2)).module()
     batch = torch.export.Dim("batch", min=1, max=65536)
     x2 = example_input[:1].expand(2, *example_input.shape[1:]).contiguous()
-    dense_prog = torch.export.export(copy.deepcopy(dense).cpu().eval(), (x2,), dynamic_shapes=({0: batch},)).module()
+    from prune_lab.sparsity.measure import inference_copy
+
+    fold = bool(latency.get("fold_bn", False))
+    served = inference_copy(dense.cpu(), channels_last=False, fold_bn=True)[0] if fold else copy.deepcopy(dense).cpu().eval()
+    dense_prog = torch.export.export(served, (x2,), dynamic_shapes=({0: batch},)).module()
     xb = example_input[:1].expand(int(latency.batch_size), *example_input.shape[1:]).contiguous()
     times = interleaved_latency_ms({"dense": dense_prog, "pruned": pruned}, xb, int(latency.warmup),
                                    int(latency.repeats))
     d, p = min(times["dense"]), min(times["pruned"])
-    return {"layout": "nchw", "bn_folded": False, "stat": "min", "dense_ms": d, "pruned_ms": p,
+    return {"layout": "nchw", "bn_folded": fold, "stat": "min", "dense_ms": d, "pruned_ms": p,
             "reduction": 1.0 - p / d}
