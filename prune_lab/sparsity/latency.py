@@ -282,16 +282,11 @@ def measured_reduction(model: nn.Module, plan: dict[str, torch.Tensor], example_
                        skip: list[str] = ()) -> dict[str, float]:
     """Shrink a CPU copy of `model` by `plan` (blocks in `skip` replaced by identities), and measure
     it against the dense model interleaved: {"dense_ms", "pruned_ms", "reduction"}."""
+    from prune_lab.export import remove_modules  # lazy: export imports the sparsity engine
     from prune_lab.sparsity.structure import shrink
 
     dense = copy.deepcopy(model).cpu().eval()
     small = shrink(dense, {k: v.cpu() for k, v in plan.items()}, example_input.cpu())
-    for name in skip:
-        parent, _, child = name.rpartition(".")
-        holder = small.get_submodule(parent) if parent else small
-        if isinstance(holder, nn.Sequential):
-            holder[int(child)] = nn.Identity()
-        else:
-            setattr(holder, child, nn.Identity())
+    remove_modules(small, list(skip))
     ms = served_ms({"dense": dense, "pruned": small}, example_input, latency)
     return {"dense_ms": ms["dense"], "pruned_ms": ms["pruned"], "reduction": 1.0 - ms["pruned"] / ms["dense"]}
