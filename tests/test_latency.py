@@ -265,3 +265,56 @@ def test_min_keep_floor_and_values_decide_the_allocation(fake_timing, tmp_path):
     plan, _ = solve_latency_target(groups, table, scores, 0.05, "halp", values=values, min_keep=0.25)
     assert int(plan[groups.roots[free]].sum()) < groups.sizes[free]  # the budget is met from the free group
     assert all(bool(plan[r].all()) for g, r in enumerate(groups.roots) if g != free)
+
+
+def test_removable_blocks_are_the_identity_shortcut_blocks():
+    from prune_lab.sparsity.latency_allocation import removable_blocks
+
+    model, x, _ = model_and_groups()
+    assert removable_blocks(model, x) == ["layer1.1", "layer2.1", "layer3.1"]
+    assert removable_blocks(nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten()), x) == []  # no ResNet stages
+
+
+def test_depth_removes_a_block_worth_nothing_first(fake_timing, tmp_path):
+    """With method.depth the greedy may drop a whole block; a block whose inner channels carry no
+    value goes before any channel of worth, and the prediction skips its layers."""
+    from prune_lab.sparsity.latency_allocation import removable_blocks
+
+    model, x, groups = model_and_groups()
+    table = LatencyTable(groups, x, batch_size=4, points=4, cache_dir=tmp_path)
+    scores = groups.scores(Magnitude(p=1).channel_scorer())
+    inner = groups.roots.index("layer2.1.conv1")
+    values = [torch.zeros(s) if g == inner else torch.ones(s) for g, s in enumerate(groups.sizes)]
+    # the worthless group can only halve (min_keep); the rest of the budget is the block itself
+    plan, predicted = solve_latency_target(groups, table, scores, 0.1, "halp", values=values, min_keep=0.5,
+                                           blocks=removable_blocks(model, x))
+    assert plan.removed == ["layer2.1"]
+    assert predicted == pytest.approx(table.reduction(plan, ["layer2.1"])) and predicted >= 0.1
+    assert all(bool(plan[r].all()) for r in groups.roots if r != "layer2.1.conv1")
+
+
+def test_a_removed_block_is_masked_to_exactly_the_deployed_model(monkeypatch, tmp_path):
+    """Masks of a plan that removes a block zero all its parameters; the masked model (trained on
+    with those masks) computes what the exported model without the block computes."""
+    from types import SimpleNamespace
+
+    from prune_lab.callbacks import MaskUpdate
+    from prune_lab.export import deployable
+    from prune_lab.sparsity import MaskSet
+    from prune_lab.sparsity.latency_allocation import ChannelPlan
+
+    model, x, groups = model_and_groups()
+    masks = MaskSet(model)
+    keep = {r: torch.arange(s) < max(1, s // 2) for r, s in zip(groups.roots, groups.sizes)}
+    monkeypatch.setattr(MaskUpdate, "_latency_plan", lambda self, m, g, s, b: ChannelPlan(keep, ["layer2.1"]))
+    module = SimpleNamespace(model=model, masks=masks, example_input=x, classifier=classifier_of(model)[1],
+                             device=torch.device("cpu"))
+    cb = MaskUpdate(budget=0.3, target="latency", latency={})
+    cb._update_channels(module, 0.3)
+    masks.apply()
+    assert masks.removed == ["layer2.1"]
+    assert all(not bool(masks[n].any()) for n, _ in model.named_parameters() if n.startswith("layer2.1."))
+    final = deployable(model, masks, x)
+    assert isinstance(final.layer2[1], nn.Identity)
+    xb = torch.randn(4, 1, 16, 16)
+    torch.testing.assert_close(model.eval()(xb), final(xb), rtol=1e-5, atol=1e-5)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from prune_lab.errors import PruneLabError
+from prune_lab.export import remove_modules
 from prune_lab.sparsity import (ChannelGroups, FlopsModel, MaskSet, OneShot, build_importance, masks_from_scores,
                                 shrink, solve_flops_target)
 from prune_lab.sparsity.allocation import DISTRIBUTIONS
@@ -72,6 +73,8 @@ class MaskUpdate(L.Callback):
         min_keep: target=latency, allocation=halp: no channel group keeps fewer than this fraction
             of its channels (0: one channel). The one-shot greedy otherwise cut the residual
             streams of the benchmark's ResNet-14 to 1–4 channels (README).
+        depth: target=latency, allocation=halp: the greedy may also remove whole residual blocks
+            (identity-shortcut blocks of ResNet stages) when that costs the least value per ms.
         latency: target=latency only: the run's `latency` config section (how latency is measured,
             the table's grid, cache and tolerance, the correction rounds).
         dense_stem: unstructured only: keep the first conv/linear layer dense, as RigL's paper
@@ -81,7 +84,7 @@ class MaskUpdate(L.Callback):
     def __init__(self, budget: float, target: str = "params", importance="magnitude", distribution: str = "uniform",
                  schedule=None, round_to: int = 1, tolerance: float = 0.02, shrink_at_start: bool = False,
                  pattern: str | None = None, dense_stem: bool = False, allocation: str = "halp", latency=None,
-                 latency_importance: str = "taylor", min_keep: float = 0.0):
+                 latency_importance: str = "taylor", min_keep: float = 0.0, depth: bool = False):
         if target not in TARGETS:
             raise PruneLabError(f"unknown target '{target}'; choose one of: {', '.join(TARGETS)}")
         allowed = DISTRIBUTIONS if target == "params" else ("uniform", "global")
@@ -101,6 +104,7 @@ class MaskUpdate(L.Callback):
             raise PruneLabError(f"method.min_keep={min_keep} is outside [0, 1): the smallest fraction of a "
                                 "group's channels a latency plan keeps")
         self.allocation, self.latency_importance, self.min_keep = allocation, latency_importance, float(min_keep)
+        self.depth = bool(depth)
         self.latency = _plain(latency) if latency is not None and target == "latency" else {}
         self.latency_record: dict = {}
         if shrink_at_start and (target == "params" or not isinstance(self.schedule, OneShot) or self.schedule.at != 0):
@@ -233,10 +237,13 @@ class MaskUpdate(L.Callback):
             batch = (x.to(pl_module.device), y.to(pl_module.device))
         self.update(pl_module, batch, self.budget)
         plan = {k: v.clone() for k, v in pl_module.masks.channel_plan.items()}
+        removed = pl_module.masks.removed
         small = shrink(pl_module.model, plan, pl_module.example_input)
+        remove_modules(small, removed)  # whole blocks a latency plan with method.depth drops
         pl_module.model = small
         pl_module.masks = MaskSet(small).to(pl_module.device)  # nothing left to mask: the channels are gone
         pl_module.masks.set_channel_plan(plan, applied=True)   # kept for export's model.json
+        pl_module.masks.set_removed(removed)
         pl_module.rebind()
         self.last_update_step = 0  # the one-shot update is done; on_train_batch_start must not redo it
 
@@ -258,6 +265,12 @@ class MaskUpdate(L.Callback):
         for n, keep in groups.param_masks(plan).items():
             masks.set(n, keep)
         masks.set_channel_plan(plan)
+        removed = list(getattr(plan, "removed", []))
+        if removed:  # whole blocks (target=latency, method.depth): every parameter zero, dropped at export
+            for n, p in model.named_parameters():
+                if n.startswith(tuple(f"{b}." for b in removed)):
+                    masks.set(n, torch.zeros_like(p, dtype=torch.bool))
+            masks.set_removed(removed)
 
     def _latency_plan(self, pl_module, groups, scores, sparsity: float) -> dict[str, torch.Tensor]:
         """Solve on the latency table, measure the shrunk model, correct (latency_allocation.meet_latency).
@@ -265,18 +278,20 @@ class MaskUpdate(L.Callback):
         instead of re-measuring, so its shapes match the checkpoint's. Under DDP rank 0 measures and
         the plan is broadcast, so every rank prunes the same channels."""
         from prune_lab.sparsity.latency import measured_reduction, table_for_run
-        from prune_lab.sparsity.latency_allocation import meet_latency, solve_latency_target
+        from prune_lab.sparsity.latency_allocation import (ChannelPlan, meet_latency, removable_blocks,
+                                                           solve_latency_target)
 
         trainer = pl_module._trainer
         saved = Path(trainer.default_root_dir) / "latency_plan.json" if trainer is not None else None
         key = {"budget": sparsity, "allocation": self.allocation, "importance": self.latency_importance,
-               "min_keep": self.min_keep,
+               "min_keep": self.min_keep, "depth": self.depth,
                "sizes": dict(zip(groups.roots, groups.sizes))}
         plan = None
         if saved is not None and saved.exists():
             stored = json.loads(saved.read_text())
             if stored["key"] == key:
-                plan = {r: torch.tensor(k, dtype=torch.bool) for r, k in stored["plan"].items()}
+                plan = ChannelPlan({r: torch.tensor(k, dtype=torch.bool) for r, k in stored["plan"].items()},
+                                   stored.get("removed", []))
                 self.latency_record = stored["record"]
         dist = torch.distributed
         distributed = dist.is_available() and dist.is_initialized()
@@ -287,6 +302,7 @@ class MaskUpdate(L.Callback):
                                                                                          pl_module.classifier))])
             by_root = dict(zip(groups.roots, scores))
             cpu_scores = [by_root[r] for r in cpu_groups.roots]
+            blocks = removable_blocks(cpu, example) if self.depth and self.allocation == "halp" else []
             values = None
             if self.allocation == "halp" and self.latency_importance == "taylor":
                 by_root = dict(zip(groups.roots, self._taylor_values(pl_module, groups)))
@@ -296,28 +312,30 @@ class MaskUpdate(L.Callback):
 
             def solve(asked):
                 return solve_latency_target(cpu_groups, table, cpu_scores, asked, self.allocation, self.distribution,
-                                            self.round_to, values, self.min_keep)
+                                            self.round_to, values, self.min_keep, blocks)
 
             def measure(p):
-                return measured_reduction(cpu, p, example, self.latency)["reduction"]
+                return measured_reduction(cpu, p, example, self.latency, getattr(p, "removed", []))["reduction"]
 
             plan, history = meet_latency(solve, measure, sparsity, tol, int(self.latency.get("rounds", 3)))
             self.latency_record = {"allocation": self.allocation, "importance": self.latency_importance,
-                                   "min_keep": self.min_keep,
+                                   "min_keep": self.min_keep, "depth": self.depth,
+                                   "removed_blocks": list(getattr(plan, "removed", [])),
                                    "budget": sparsity, "tolerance": tol,
                                    "table": table.describe(), "rounds": history,
-                                   "predicted_reduction": table.reduction(plan),
+                                   "predicted_reduction": table.reduction(plan, getattr(plan, "removed", [])),
                                    "measured_reduction": min(history, key=lambda h: abs(h["measured"] - sparsity))
                                    ["measured"]}
             if saved is not None and trainer.is_global_zero:
                 saved.parent.mkdir(parents=True, exist_ok=True)
                 saved.write_text(json.dumps({"key": key, "record": self.latency_record,
-                                             "plan": {r: k.tolist() for r, k in plan.items()}}))
+                                             "plan": {r: k.tolist() for r, k in plan.items()},
+                                             "removed": list(getattr(plan, "removed", []))}))
         if distributed:
-            box = [plan, self.latency_record]
+            box = [None if plan is None else dict(plan), list(getattr(plan, "removed", [])), self.latency_record]
             dist.broadcast_object_list(box, src=0)
-            plan, self.latency_record = box
-        return {r: k.to(pl_module.device) for r, k in plan.items()}
+            plan, self.latency_record = ChannelPlan(box[0], box[1]), box[2]
+        return ChannelPlan({r: k.to(pl_module.device) for r, k in plan.items()}, getattr(plan, "removed", []))
 
     def _taylor_values(self, pl_module, groups) -> list[torch.Tensor]:
         """HALP's channel saliency, (γ·∂L/∂γ + β·∂L/∂β)² per channel summed over the group's batch

@@ -11,12 +11,48 @@ import logging
 import math
 
 import torch
+from torch import nn
 
 from prune_lab.errors import PruneLabError
 from prune_lab.sparsity.latency import ALLOCATIONS, LatencyTable
 from prune_lab.sparsity.structure import ChannelGroups, solve_flops_target
 
 log = logging.getLogger(__name__)
+
+
+class ChannelPlan(dict):
+    """A channel plan (root module → keep mask) and the residual blocks it removes entirely."""
+
+    def __init__(self, keep: dict, removed: list[str] = ()):
+        super().__init__(keep)
+        self.removed = list(removed)
+
+
+def removable_blocks(model: nn.Module, example_input: torch.Tensor) -> list[str]:
+    """Residual blocks whose input and output have the same shape (identity shortcut), in ResNet
+    stages (`layer1`, ...) after each stage's first block. With every parameter of such a block
+    masked to zero its output is relu(0 + x) = x, because its input is the previous block's ReLU
+    output: the masked model computes exactly what the model without the block computes."""
+    from prune_lab.sparsity.subnet import find_stages
+
+    try:
+        stages = find_stages(model)
+    except PruneLabError:
+        return []
+    shapes, hooks = {}, []
+    for name, stage in stages:
+        for j, block in enumerate(stage):
+            if j > 0:
+                hooks.append(block.register_forward_hook(
+                    lambda m, i, o, n=f"{name}.{j}": shapes.__setitem__(n, tuple(i[0].shape) == tuple(o.shape))))
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        model(example_input[:1])
+    model.train(was)
+    for h in hooks:
+        h.remove()
+    return [n for n, same in shapes.items() if same]
 
 
 def _kept_levels(size: int, round_to: int, min_keep: float = 0.0) -> list[int]:
@@ -40,7 +76,7 @@ class _Greedy:
     default (`method.latency_importance`)."""
 
     def __init__(self, groups: ChannelGroups, table: LatencyTable, scores: list[torch.Tensor], round_to: int,
-                 values: list[torch.Tensor] | None = None, min_keep: float = 0.0):
+                 values: list[torch.Tensor] | None = None, min_keep: float = 0.0, blocks: list[str] = ()):
         self.table, self.sizes, self.roots = table, groups.sizes, groups.roots
         self.order = [torch.sort(s.float(), stable=True).indices for s in scores]
         # cum[g][k]: the group's value with its k lowest-scored channels removed (decreasing in k)
@@ -65,6 +101,13 @@ class _Greedy:
                            for g in range(len(self.sizes))]
         self.other_per_act = table.other_ms / table.dense_act
         self.ms = table.predict_ms(None)
+        # depth: a block's layers, and the groups that live inside it (removed with it)
+        self.blocks = {b: ({n for n in self.kept if n.startswith(b + ".")},
+                           [g for g, ls in enumerate(self.layers_of) if ls and all(n.startswith(b + ".") for n in ls)])
+                       for b in blocks}
+        self.blocks = {b: v for b, v in self.blocks.items() if v[0] and v[1]}
+        self.removed: list[str] = []
+        self.gone: set[str] = set()  # layers of removed blocks
         self.cand = [self._candidate(g) for g in range(len(self.sizes))]
 
     def _changes(self, g: int, new_pruned: int) -> dict[str, list[int]]:
@@ -79,12 +122,14 @@ class _Greedy:
         return changes
 
     def _candidate(self, g: int):
-        if self.pos[g] >= len(self.levels[g]):
+        if self.pos[g] >= len(self.levels[g]) or self.layers_of[g] <= self.gone:
             return None
         new_pruned = self.sizes[g] - self.levels[g][self.pos[g]]
         d_imp = self.cum[g][self.pruned[g]] - self.cum[g][new_pruned]  # value lost (≥ 0)
         d_ms = 0.0
         for name, (d_in, d_out) in self._changes(g, new_pruned).items():
+            if name in self.gone:
+                continue
             cin, cout = self.kept[name]
             dw = self.table.flops.layers[name]["dw"]
             new_in, new_out = (cout - d_out if dw else cin - d_in), cout - d_out
@@ -92,19 +137,35 @@ class _Greedy:
             d_ms -= d_out * self.pos_of[name] * self.other_per_act
         return d_imp, d_ms, new_pruned
 
+    def _block_candidate(self, b: str):
+        """Removing block b: its layers' time and their activations' share saved; the value its
+        inner groups still keep lost."""
+        layers, inner = self.blocks[b]
+        d_ms = -sum(self.table.layer_ms(n, *self.kept[n]) + self.kept[n][1] * self.pos_of[n] * self.other_per_act
+                    for n in layers)
+        d_imp = sum(self.cum[g][self.pruned[g]] - self.cum[g][-1] for g in inner)
+        return d_imp, d_ms
+
     def step(self) -> bool:
         """Take the cheapest step (least importance per ms saved); False when none is left."""
         best, best_key = None, None
-        for g, c in enumerate(self.cand):
-            if c is None:
-                continue
-            d_imp, d_ms, _ = c
+        options = [(g, c[0], c[1]) for g, c in enumerate(self.cand) if c is not None]
+        options += [(b, *self._block_candidate(b)) for b in self.blocks if b not in self.removed]
+        for g, d_imp, d_ms in options:
             # steps that save time first, by importance lost per ms; then the rest, by importance
             key = (0, d_imp / -d_ms) if d_ms < 0 else (1, d_imp)
             if best_key is None or key < best_key:
                 best, best_key = g, key
         if best is None:
             return False
+        if isinstance(best, str):  # a whole block goes
+            layers, inner = self.blocks[best]
+            self.ms += self._block_candidate(best)[1]
+            self.removed.append(best)
+            self.gone |= layers
+            for g in {h for g in inner for h in self.neighbours[g]}:
+                self.cand[g] = self._candidate(g)
+            return True
         _, d_ms, new_pruned = self.cand[best]
         for name, (d_in, d_out) in self._changes(best, new_pruned).items():
             k = self.kept[name]
@@ -118,29 +179,31 @@ class _Greedy:
             self.cand[h] = self._candidate(h)
         return True
 
-    def plan(self) -> dict[str, torch.Tensor]:
-        return {root: ~d for root, d in zip(self.roots, self.dropped)}
+    def plan(self) -> ChannelPlan:
+        return ChannelPlan({root: ~d for root, d in zip(self.roots, self.dropped)}, self.removed)
 
 
 def solve_latency_target(groups: ChannelGroups, table: LatencyTable, scores: list[torch.Tensor], target: float,
                          allocation: str = "halp", distribution: str = "uniform", round_to: int = 1,
-                         values: list[torch.Tensor] | None = None,
-                         min_keep: float = 0.0) -> tuple[dict[str, torch.Tensor], float]:
+                         values: list[torch.Tensor] | None = None, min_keep: float = 0.0,
+                         blocks: list[str] = ()) -> tuple[dict[str, torch.Tensor], float]:
     """A plan whose *predicted* latency reduction is `target` (at least, for `halp`; the closest,
     for `flops`), and that predicted reduction. Within a group channels go in `scores` order;
     `values` (halp only): what a removed channel costs (see `_Greedy`); `min_keep` (halp only):
-    no group keeps fewer than this fraction of its channels. Unreachable targets raise PruneLabError."""
+    no group keeps fewer than this fraction of its channels; `blocks` (halp only): residual blocks the
+    greedy may also remove whole (`removable_blocks`), returned in the plan's `removed`.
+    Unreachable targets raise PruneLabError."""
     if allocation not in ALLOCATIONS:
         raise PruneLabError(f"unknown latency allocation '{allocation}'; choose one of: {', '.join(ALLOCATIONS)}")
     dense_ms = table.predict_ms(None)
     if allocation == "halp":
-        greedy = _Greedy(groups, table, scores, round_to, values, min_keep)
+        greedy = _Greedy(groups, table, scores, round_to, values, min_keep, blocks)
         while greedy.ms > (1.0 - target) * dense_ms:
             if not greedy.step():
                 raise PruneLabError(f"budget={target:g} (latency) is not reachable on this model: with every group "
                                     f"at its minimum the table predicts {1 - greedy.ms / dense_ms:.3f}")
         plan = greedy.plan()
-        return plan, table.reduction(plan)
+        return plan, table.reduction(plan, plan.removed)
 
     flops = table.flops
     def predicted(f):
