@@ -1,0 +1,71 @@
+"""How noisy is a latency reduction on this machine? The basis of `latency.tolerance`.
+
+    python scripts/latency_noise.py <run dir> [--batch 16] [--processes 5] [--rounds 3]
+
+Re-times one finished run's deployed model against a dense model of the same architecture (random
+weights: latency does not depend on them) as results.json measures (`served_ms`: channels-last,
+BN folded, fastest of interleaved rounds), `--rounds` times in each of `--processes` fresh
+processes, one thread each, and prints every reduction, their range and standard deviation. Fresh
+processes matter: on a shared VM the spread between processes is larger than within one.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def measure(run: Path, batch: int, rounds: int) -> list[float]:
+    sys.path.insert(0, str(ROOT))
+    import torch
+
+    from prune_lab.export import load_model
+    from prune_lab.models import build_from_spec
+    from prune_lab.sparsity.latency import served_ms
+
+    torch.set_num_threads(1)
+    meta = json.loads((run / "model.json").read_text())
+    dense, pruned = build_from_spec(meta["arch"]).eval(), load_model(run)
+    x = torch.randn(1, *meta["input_shape"])
+    latency = dict(batch_size=batch, channels_last=True, fold_bn=True, warmup=3, repeats=10)
+    out = []
+    for _ in range(rounds):
+        ms = served_ms({"dense": dense, "pruned": pruned}, x, latency)
+        out.append(1.0 - ms["pruned"] / ms["dense"])
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run", type=Path, help="a finished run's directory (model.json + model.safetensors)")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--processes", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if not (args.run / "model.json").is_file():
+        print(f"error: {args.run} has no model.json; pass a finished run's directory", file=sys.stderr)
+        return 2
+    if args.child:
+        print(json.dumps(measure(args.run, args.batch, args.rounds)))
+        return 0
+    values = []
+    for p in range(args.processes):
+        done = subprocess.run([sys.executable, __file__, str(args.run), "--batch", str(args.batch), "--rounds",
+                               str(args.rounds), "--child"], capture_output=True, text=True, check=True,
+                              env={"OMP_NUM_THREADS": "1", "PATH": ""})
+        got = json.loads(done.stdout.strip().splitlines()[-1])
+        values += got
+        print(f"process {p}: " + " ".join(f"{v:.3f}" for v in got))
+    print(f"batch {args.batch}: {len(values)} reductions, {min(values):.3f}–{max(values):.3f}, "
+          f"mean {statistics.fmean(values):.3f}, std {statistics.stdev(values):.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
