@@ -6,7 +6,8 @@ A study runs two jobs on two cores, and a latency measured while the other core 
 caches and memory bandwidth with it (measured: the same plan's reduction 0.29 at the start of a
 job, 0.19 at its end). This re-times every job's deployed model (rebuilt from model.json +
 model.safetensors) against a dense model of the same architecture (latency does not depend on the
-weights), as results.json measures (the run's latency settings, fastest of interleaved rounds),
+weights), as results.json measures (the settings its `latency` record names, fastest of
+interleaved rounds),
 one process, nothing else running, and adds `latency_remeasured` to each results.json (keys may be
 added, never changed): {"dense_ms", "pruned_ms", "reduction", "repeats", "cpu"}. A study config
 can then show it as a column (conf/study/latency.yaml does).
@@ -19,7 +20,6 @@ import sys
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -46,11 +46,13 @@ def main() -> int:
         results = json.loads((job / "results.json").read_text())
         if "latency_remeasured" in results and not args.force:
             continue
-        cfg = OmegaConf.load(job / ".hydra" / "config.yaml")
         meta = json.loads((job / "model.json").read_text())
         example = torch.zeros(1, *meta["input_shape"])
         dense = build_from_spec(meta["arch"])  # random init: latency does not depend on the weights
-        latency = {**OmegaConf.to_container(cfg.latency, resolve=False), "repeats": args.repeats}
+        lat = results["latency"]  # how the run measured: the record, not the config
+        latency = {"batch_size": lat["batch_size"], "channels_last": lat["channels_last"],
+                   "fold_bn": lat.get("bn_folded", True), "compile": lat.get("compiled", False), "warmup": 3,
+                   "repeats": args.repeats}
         ms = served_ms({"dense": dense.eval(), "pruned": load_model(job)}, example, latency)
         results["latency_remeasured"] = {"dense_ms": ms["dense"], "pruned_ms": ms["pruned"],
                                          "reduction": 1.0 - ms["pruned"] / ms["dense"], "repeats": args.repeats,

@@ -250,6 +250,28 @@ def test_latency_run_records_table_measurement_and_exported_model(tmp_path, dens
     assert set(lat["exported"]) >= {"dense_ms", "pruned_ms", "reduction"}
     assert res["pruned"]["flops_reduction"] > 0  # channels were removed to meet it
 
+    # the study helpers read such a run: re-timed alone (a key added to results.json, nothing else
+    # changed), and the noise probe in fresh processes
+    import shutil
+    import subprocess
+
+    job = tmp_path / "study" / "jobs" / "v-0" / "b0.2_s0"
+    shutil.copytree(out, job)
+    root = __import__("pathlib").Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, str(root / "scripts" / "remeasure_latency.py"), str(tmp_path / "study"),
+                           "--repeats", "2"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    after = json.loads((job / "results.json").read_text())
+    again = after.pop("latency_remeasured")
+    assert after == json.loads((out / "results.json").read_text())
+    assert again["reduction"] == pytest.approx(1 - again["pruned_ms"] / again["dense_ms"]) and again["repeats"] == 2
+    probe = subprocess.run([sys.executable, str(root / "scripts" / "latency_noise.py"), str(job), "--processes", "1",
+                            "--rounds", "2"], capture_output=True, text=True, timeout=300)
+    assert probe.returncode == 0 and "2 reductions" in probe.stdout, probe.stderr
+    bad = subprocess.run([sys.executable, str(root / "scripts" / "latency_noise.py"), str(tmp_path)],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "no model.json" in bad.stderr
+
 
 def test_min_keep_floor_and_values_decide_the_allocation(fake_timing, tmp_path):
     """min_keep: no group under ⌈min_keep·size⌉ channels. values: while a group whose channels are
