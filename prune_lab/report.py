@@ -112,9 +112,13 @@ def summary_table(results: dict):
     t.add_row(f"CPU latency, batch {lat['batch_size']}", f"{lat['dense_ms']:.2f} ms",
               f"{lat['pruned_ms']:.2f} ms ({lat['speedup']:.2f}x)")
     if results.get("target") == "latency":
-        plan, exp = results.get("latency_plan", {}), lat.get("exported", {})
+        # the channel-pruning methods record their plan under latency_plan, STP's search under stp
+        predicted = results.get("latency_plan", {}).get("predicted_reduction",
+                                                        results.get("stp", {}).get("estimated_latency_reduction"))
+        exp = lat.get("exported", {})
+        predicted = float("nan") if predicted is None else predicted
         t.add_row("latency reduction", f"budget {results['budget']:g}",
-                  f"{1 - lat['pruned_min_ms'] / lat['dense_min_ms']:.1%} (table {plan.get('predicted_reduction', float('nan')):.1%}"
+                  f"{1 - lat['pruned_min_ms'] / lat['dense_min_ms']:.1%} (table {predicted:.1%}"
                   f", model.pt2 {exp.get('reduction', float('nan')):.1%})")
     return t
 

@@ -309,7 +309,7 @@ class IEE(RegrowthPolicy):
     def weight_grad_density(self, step, total_steps, forward):
         phase = self.phase(step, total_steps)
         if phase == "explore" and self.freeze_active:  # only Θ_P's weight gradients are needed
-            return {n: 1.0 - m.double().mean() for n, m in self._frozen().items() if n in forward}
+            return {n: 1.0 - m.count_nonzero().double() / m.numel() for n, m in self._frozen().items() if n in forward}
         if phase == "improve" and not self.explore and divmod(step, self.cycle)[1] >= self.h + self.j:
             return {n: 1.0 for n in forward}  # the dense gradient that ranks Θ_P
         return None

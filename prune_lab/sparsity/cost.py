@@ -32,7 +32,8 @@ def mask_densities(masks, names) -> dict:
     """Fraction of True entries of each mask (1.0 for parameters without an active mask), as
     0-dim tensors on the masks' device: accumulated there, read back only when a record is written
     (a float() per layer and step would be a device sync every step on a GPU)."""
-    return {n: masks[n].double().mean() if n in masks.active else 1.0 for n in names}  # float64: summed over many steps
+    # count_nonzero reads the bool mask as is (no float copy of it each step); float64: summed over many steps
+    return {n: masks[n].count_nonzero().double() / masks[n].numel() if n in masks.active else 1.0 for n in names}
 
 
 class TrainingCost:

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from prune_lab.errors import PruneLabError
+from prune_lab.sparsity.measure import observe_forward
 from prune_lab.sparsity.structure import ROOT_TYPES, ChannelGroups, FlopsModel, _is_depthwise, solve_flops_target
 
 log = logging.getLogger(__name__)
@@ -155,18 +156,10 @@ class LatencyTable:
 
     @staticmethod
     def _input_shapes(model: nn.Module, example_input: torch.Tensor) -> dict[str, tuple]:
-        shapes, hooks = {}, []
-        for name, m in model.named_modules():
-            if isinstance(m, ROOT_TYPES):
-                hooks.append(m.register_forward_hook(
-                    lambda mod, inp, out, n=name: shapes.__setitem__(n, tuple(inp[0].shape[1:]))))
-        was = model.training
-        model.eval()
-        with torch.no_grad():
-            model(example_input[:1])
-        model.train(was)
-        for h in hooks:
-            h.remove()
+        shapes = {}
+        observe_forward(model, example_input,
+                        {m: (lambda mod, inp, out, n=name: shapes.__setitem__(n, tuple(inp[0].shape[1:])))
+                         for name, m in model.named_modules() if isinstance(m, ROOT_TYPES)})
         return shapes
 
     def _grid(self, sig: dict, path: Path | None) -> list[list[float]]:

@@ -15,6 +15,7 @@ from torch import nn
 
 from prune_lab.errors import PruneLabError
 from prune_lab.sparsity.latency import ALLOCATIONS, LatencyTable
+from prune_lab.sparsity.measure import observe_forward
 from prune_lab.sparsity.structure import ChannelGroups, solve_flops_target
 
 log = logging.getLogger(__name__)
@@ -39,20 +40,11 @@ def removable_blocks(model: nn.Module, example_input: torch.Tensor) -> list[str]
         stages = find_stages(model)
     except PruneLabError:
         return []
-    shapes, hooks = {}, []
-    for name, stage in stages:
-        for j, block in enumerate(stage):
-            if j > 0:
-                hooks.append(block.register_forward_hook(
-                    lambda m, i, o, n=f"{name}.{j}": shapes.__setitem__(n, tuple(i[0].shape) == tuple(o.shape))))
-    was = model.training
-    model.eval()
-    with torch.no_grad():
-        model(example_input[:1])
-    model.train(was)
-    for h in hooks:
-        h.remove()
-    return [n for n, same in shapes.items() if same]
+    same = {}
+    observe_forward(model, example_input,
+                    {block: (lambda m, i, o, n=f"{name}.{j}": same.__setitem__(n, tuple(i[0].shape) == tuple(o.shape)))
+                     for name, stage in stages for j, block in enumerate(stage) if j > 0})
+    return [n for n, s in same.items() if s]
 
 
 def _kept_levels(size: int, round_to: int, min_keep: float = 0.0) -> list[int]:

@@ -41,22 +41,32 @@ def count_flops(model: nn.Module, example_input: torch.Tensor) -> int:
 
 
 @torch.no_grad()
+@torch.no_grad()
+def observe_forward(model: nn.Module, example_input: torch.Tensor, hooks: dict[nn.Module, object]) -> None:
+    """One eval-mode forward of one input with `hooks` (module → forward hook) attached: how shapes
+    and costs are read off a model. Hooks are removed and the model's mode restored afterwards."""
+    handles = [m.register_forward_hook(h) for m, h in hooks.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        model(example_input[:1])
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+
+
 def layer_macs(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
     """MACs of each conv/linear layer for one input (every weight is used once per output position)."""
     out: dict[str, int] = {}
-    hooks = []
-    for name, m in model.named_modules():
-        if isinstance(m, PRUNABLE_TYPES):
-            def hook(mod, inp, o, name=name):
-                positions = o[0].numel() // (mod.out_channels if hasattr(mod, "out_channels") else mod.out_features)
-                out[name] = mod.weight.numel() * positions
-            hooks.append(m.register_forward_hook(hook))
-    was_training = model.training
-    model.eval()
-    model(example_input[:1])
-    model.train(was_training)
-    for h in hooks:
-        h.remove()
+
+    def hook_for(name):
+        def hook(mod, inp, o):
+            positions = o[0].numel() // (mod.out_channels if hasattr(mod, "out_channels") else mod.out_features)
+            out[name] = mod.weight.numel() * positions
+        return hook
+    observe_forward(model, example_input,
+                    {m: hook_for(n) for n, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES)})
     return out
 
 

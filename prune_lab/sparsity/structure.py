@@ -17,6 +17,7 @@ import torch_pruning as tp
 from torch import nn
 
 from prune_lab.errors import PruneLabError
+from prune_lab.sparsity.measure import observe_forward
 
 ROOT_TYPES = (nn.Conv2d, nn.Linear)
 
@@ -137,17 +138,8 @@ class FlopsModel:
 
     def __init__(self, groups: ChannelGroups, example_input: torch.Tensor):
         self.layers: dict[str, dict] = {}
-        hooks = []
-        for name, m in groups.model.named_modules():
-            if isinstance(m, ROOT_TYPES):
-                hooks.append(m.register_forward_hook(self._record(name)))
-        was_training = groups.model.training
-        groups.model.eval()
-        with torch.no_grad():
-            groups.model(example_input[:1])
-        groups.model.train(was_training)
-        for h in hooks:
-            h.remove()
+        observe_forward(groups.model, example_input,
+                        {m: self._record(n) for n, m in groups.model.named_modules() if isinstance(m, ROOT_TYPES)})
         # per group: for each item, the layer, direction and the root index of every local index
         modules = dict(groups.model.named_modules())
         self.items = [[(n, kind, idx) for n, kind, idx in members if isinstance(modules[n], ROOT_TYPES)]
