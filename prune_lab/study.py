@@ -74,10 +74,13 @@ class Study:
     columns: dict[str, str] = field(default_factory=dict)
     claims: list[Claim] = field(default_factory=list)
 
-    def variant_dir(self, out: Path, variant: str) -> Path:
-        # the overrides' hash is part of the name: editing a variant re-runs it instead of reusing old jobs
+    def config_hash(self, variant: str) -> str:
+        """Hash of the overrides a variant's jobs get: editing a variant re-runs it instead of reusing old jobs."""
         blob = json.dumps([*self.base, *self.variants[variant]])
-        return out / "jobs" / f"{slug(variant)}-{hashlib.sha1(blob.encode()).hexdigest()[:6]}"
+        return hashlib.sha1(blob.encode()).hexdigest()[:6]
+
+    def variant_dir(self, out: Path, variant: str) -> Path:
+        return out / "jobs" / f"{slug(variant)}-{self.config_hash(variant)}"
 
     def jobs(self, out: Path) -> list[Job]:
         """Seed-major order: the first job of each seed trains (and caches) that seed's dense reference."""
@@ -187,14 +190,41 @@ def paired_verdict(diffs: list[float], op: str, margin: float = 0.0) -> dict:
     return {"n": n, "mean": mean, "ci95": [lo, hi], "verdict": verdict}
 
 
-def collect(study: Study, out: Path) -> list[dict]:
-    """One row per finished job: variant, budget, seed, the metric and every column."""
+def carried_rows(study: Study, report: Path) -> dict[tuple[str, float, int], dict]:
+    """Rows of an earlier report (its table.csv) whose variant still has the same overrides.
+
+    Job folders live in outputs/, which does not outlive a machine; the committed table.csv does.
+    A study longer than a session is continued from it: a job with a carried row is not run again.
+    Rows without a `config` column (written before it existed) or with another hash are ignored.
+    """
+    path = report / "table.csv"
+    if not path.is_file():
+        return {}
+    carried = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            variant = row.get("variant")
+            if variant not in study.variants or row.get("config") != study.config_hash(variant):
+                continue
+            parsed = {k: (v if k in ("variant", "config") else int(v) if k == "seed" else float(v))
+                      for k, v in row.items() if k is not None}
+            carried[(variant, parsed["budget"], parsed["seed"])] = parsed
+    return carried
+
+
+def collect(study: Study, out: Path, carried: dict | None = None) -> list[dict]:
+    """One row per finished job (variant, budget, seed, config hash, the metric and every column);
+    a job not finished under `out` takes its carried row (`carried_rows`) if there is one."""
     rows = []
+    carried = carried or {}
     for job in study.jobs(out):
         if not job.done:
+            if (job.variant, job.budget, job.seed) in carried:
+                rows.append(carried[(job.variant, job.budget, job.seed)])
             continue
         r = json.loads((job.directory / "results.json").read_text())
         row = {"variant": job.variant, "budget": job.budget, "seed": job.seed,
+               "config": study.config_hash(job.variant),
                "metric": lookup(r, study.metric), "dense_top1": lookup(r, "dense.top1"),
                "flops_reduction": lookup(r, "pruned.flops_reduction"),
                "params_reduction": lookup(r, "pruned.params_reduction"),
@@ -232,7 +262,7 @@ def write_report(study: Study, rows: list[dict], report: Path) -> list[dict]:
     """table.md, table.csv (one row per job: the verdicts can be recomputed from it), verdicts.json, plot.png."""
     report.mkdir(parents=True, exist_ok=True)
     judged = verdicts(study, rows)
-    fields = ["variant", "budget", "seed", "metric", "dense_top1", "flops_reduction", "params_reduction",
+    fields = ["variant", "budget", "seed", "config", "metric", "dense_top1", "flops_reduction", "params_reduction",
               "train_wall_s", *study.columns]
     with open(report / "table.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
@@ -253,6 +283,13 @@ def write_report(study: Study, rows: list[dict], report: Path) -> list[dict]:
     dense = {r["seed"]: r["dense_top1"] for r in rows}
     lines += ["", f"Dense reference top-1: {_mean_std(list(dense.values()), 100)} % over seeds "
                   f"{sorted(dense)}. Mean ± std over seeds.", ""]
+    # carried rows (an earlier session's jobs) pair with fresh ones only if the dense reference is the same
+    for budget in study.budgets:
+        for seed in study.seeds:
+            refs = {r["dense_top1"] for r in rows if r["seed"] == seed and r["budget"] == budget and r["dense_top1"] == r["dense_top1"]}
+            if len(refs) > 1:
+                lines += [f"Warning: at budget {budget:g} the rows of seed {seed} have different dense references "
+                          f"(top-1 {', '.join(f'{100 * v:.2f}' for v in sorted(refs))} %): their pairing is not exact.", ""]
     if judged:
         lines += ["| claim | seeds | mean difference | 95 % CI | verdict |", "|---|---|---|---|---|"]
         for v in judged:

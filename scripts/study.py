@@ -8,7 +8,9 @@
 
 Jobs are ordinary train.py runs in outputs/studies/<name>/jobs/<variant>-<hash>/b<budget>_s<seed>/;
 a job with a results.json is skipped, one with a checkpoint resumes, so an interrupted study is
-continued by running the same command. Writes table.md, table.csv (one row per job),
+continued by running the same command. outputs/ does not outlive a machine: a job whose row is in
+the report's table.csv with the same overrides (its `config` hash) is skipped too, so a study
+longer than a session is continued from its committed table (--fresh ignores it). Writes table.md, table.csv (one row per job),
 verdicts.json and plot.png to the report folder (default outputs/studies/<name>/).
 """
 from __future__ import annotations
@@ -22,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from prune_lab.errors import PruneLabError  # noqa: E402
-from prune_lab.study import check_overrides, collect, load_study, run_jobs, write_report  # noqa: E402
+from prune_lab.study import carried_rows, check_overrides, collect, load_study, run_jobs, write_report  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report", type=Path, help="where tables and plot go (default: the job folder root)")
     ap.add_argument("--dry-run", action="store_true", help="list the jobs; run nothing")
     ap.add_argument("--report-only", action="store_true", help="write the report from finished jobs; run nothing")
+    ap.add_argument("--fresh", action="store_true", help="run every job without a results.json, ignoring the rows "
+                    "of the report's table.csv")
     args = ap.parse_args(argv)
     try:
         study = load_study(args.study, seeds=args.seeds, budgets=args.budgets, extra=args.extra)
@@ -50,12 +54,16 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or ROOT / "outputs" / "studies" / f"{study.name}{suffix}"
     report = args.report or out
     jobs = study.jobs(out)
-    finished = sum(j.done for j in jobs)
+    carried = {} if args.fresh else carried_rows(study, report)
+    is_carried = [not j.done and (j.variant, j.budget, j.seed) in carried for j in jobs]
+    finished = sum(j.done for j in jobs) + sum(is_carried)
     print(f"study {study.name}: {len(jobs)} jobs ({len(study.variants)} variants × {len(study.budgets)} budgets × "
-          f"{len(study.seeds)} seeds), {finished} finished; jobs in {out}")
+          f"{len(study.seeds)} seeds), {finished} finished ({sum(is_carried)} carried from {report / 'table.csv'}); "
+          f"jobs in {out}")
     if args.dry_run:
-        for j in jobs:
-            print(f"  {'done' if j.done else 'todo'}  {j.directory.relative_to(out)}  {' '.join(j.overrides)}")
+        for j, c in zip(jobs, is_carried):
+            state = "done" if j.done else "carried" if c else "todo"
+            print(f"  {state:7s}  {j.directory.relative_to(out)}  {' '.join(j.overrides)}")
         return 0
     failed = []
     if not args.report_only and finished < len(jobs):
@@ -64,9 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), TextColumn("{task.fields[last]}")) as bar:
             task = bar.add_task(f"study {study.name}", total=len(jobs), completed=finished, last="")
-            failed = run_jobs(jobs, args.jobs, args.threads, sys.executable,
+            failed = run_jobs([j for j, c in zip(jobs, is_carried) if not c], args.jobs, args.threads, sys.executable,
                               progress=lambda j: bar.update(task, advance=1, last=f"{j.variant} b={j.budget:g} s={j.seed}"))
-    rows = collect(study, out)
+    rows = collect(study, out, carried)
     judged = write_report(study, rows, report)
     print((report / "table.md").read_text())
     for job, rc in failed:

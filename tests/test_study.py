@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from prune_lab.errors import PruneLabError
-from prune_lab.study import STUDY_DIR, Claim, Study, load_study, paired_verdict, verdicts, write_report
+from prune_lab.study import (STUDY_DIR, Claim, Study, carried_rows, collect, load_study, paired_verdict, verdicts,
+                             write_report)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -123,6 +124,40 @@ def test_verdicts_pair_by_seed_and_recompute_from_table_csv(tmp_path):
     assert json.loads((tmp_path / "verdicts.json").read_text())[0]["verdict"] == "holds"
     assert "**holds**" in (tmp_path / "table.md").read_text()
     assert (tmp_path / "plot.png").stat().st_size > 1000
+
+
+def test_a_study_continues_from_its_committed_table_and_reruns_edited_variants(tmp_path):
+    path = write_yaml(tmp_path / "two.yaml", """
+base: [experiment=quickstart]
+variants:
+  A: [method=magnitude]
+  B: [method=random]
+budgets: [0.8]
+seeds: [0, 1]
+""")
+    study = load_study(str(path))
+    report = tmp_path / "report"
+    rows = [dict(variant=v, budget=0.8, seed=s, config=study.config_hash(v), metric=0.5 + s / 10, dense_top1=0.9,
+                 flops_reduction=0.8, params_reduction=0.8, train_wall_s=1.0) for v in "AB" for s in (0, 1)]
+    write_report(study, rows[:3], report)  # B seed 1 never finished
+    carried = carried_rows(study, report)
+    assert set(carried) == {("A", 0.8, 0), ("A", 0.8, 1), ("B", 0.8, 0)}
+    assert carried[("A", 0.8, 1)]["metric"] == pytest.approx(0.6) and carried[("A", 0.8, 1)]["seed"] == 1
+    # collect (no job folders: a new machine) gives back the carried rows; the report round-trips
+    assert collect(study, tmp_path / "jobs", carried) == [carried[k] for k in (("A", 0.8, 0), ("B", 0.8, 0), ("A", 0.8, 1))]
+    # the runner counts them as finished and would run only the missing job
+    cmd = [sys.executable, str(ROOT / "scripts" / "study.py"), str(path), "--out", str(tmp_path / "jobs"),
+           "--report", str(report), "--dry-run"]
+    dry = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert dry.returncode == 0, dry.stderr
+    assert "3 finished (3 carried" in dry.stdout and dry.stdout.count("  todo ") == 1 and "b0.8_s1" in dry.stdout.split("todo")[1]
+    assert "4 finished" not in subprocess.run([*cmd, "--fresh"], capture_output=True, text=True).stdout
+    # editing a variant's overrides changes its hash: its old rows are not reused
+    path.write_text(path.read_text().replace("B: [method=random]", "B: [method=random, epochs=2]"))
+    assert set(carried_rows(load_study(str(path)), report)) == {("A", 0.8, 0), ("A", 0.8, 1)}
+    # a fresh row whose seed's dense reference differs from the carried ones' is flagged, not silently paired
+    write_report(study, [*rows[:3], {**rows[3], "dense_top1": 0.91}], report)
+    assert "rows of seed 1 have different dense references" in (report / "table.md").read_text()
 
 
 def test_claim_at_a_budget_not_run():
