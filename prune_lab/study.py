@@ -19,7 +19,7 @@ import json
 import math
 import re
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -217,7 +217,8 @@ def collect(study: Study, out: Path, carried: dict | None = None) -> list[dict]:
     a job not finished under `out` takes its carried row (`carried_rows`) if there is one."""
     rows = []
     carried = carried or {}
-    for job in study.jobs(out):
+    jobs = study.jobs(out)
+    for job in jobs:
         if not job.done:
             if (job.variant, job.budget, job.seed) in carried:
                 rows.append(carried[(job.variant, job.budget, job.seed)])
@@ -231,7 +232,19 @@ def collect(study: Study, out: Path, carried: dict | None = None) -> list[dict]:
                "train_wall_s": lookup(r, "train.total_wall_s")}
         row.update({label: lookup(r, key) for label, key in study.columns.items()})
         rows.append(row)
+    # rows of budgets or seeds outside this selection (`--budgets 0.5` on a study whose report holds
+    # 0.85 too) stay in the report: writing it never loses a finished job
+    selected = {(j.variant, j.budget, j.seed) for j in jobs}
+    order = list(study.variants)
+    rows += sorted((r for k, r in carried.items() if k not in selected),
+                   key=lambda r: (r["seed"], order.index(r["variant"]), r["budget"]))
     return rows
+
+
+def covering(study: Study, rows: list[dict]) -> Study:
+    """The study with its budgets and seeds widened to every row's (see `collect`)."""
+    return replace(study, budgets=sorted({*study.budgets, *(r["budget"] for r in rows)}),
+                   seeds=sorted({*study.seeds, *(r["seed"] for r in rows)}))
 
 
 def verdicts(study: Study, rows: list[dict]) -> list[dict]:

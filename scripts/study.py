@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from prune_lab.errors import PruneLabError  # noqa: E402
-from prune_lab.study import carried_rows, check_overrides, collect, load_study, run_jobs, write_report  # noqa: E402
+from prune_lab.study import (carried_rows, check_overrides, collect, covering, load_study, run_jobs,  # noqa: E402
+                             write_report)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,11 +76,12 @@ def main(argv: list[str] | None = None) -> int:
             failed = run_jobs([j for j, c in zip(jobs, is_carried) if not c], args.jobs, args.threads, sys.executable,
                               progress=lambda j: bar.update(task, advance=1, last=f"{j.variant} b={j.budget:g} s={j.seed}"))
     rows = collect(study, out, carried)
-    judged = write_report(study, rows, report)
+    judged = write_report(covering(study, rows), rows, report)
     print((report / "table.md").read_text())
     for job, rc in failed:
         print(f"failed (exit {rc}): {job.directory} — see its run.log", file=sys.stderr)
-    missing = len(jobs) - len(rows)
+    have = {(r["variant"], r["budget"], r["seed"]) for r in rows}
+    missing = sum((j.variant, j.budget, j.seed) not in have for j in jobs)
     if missing:
         print(f"{missing} of {len(jobs)} jobs have no results yet; run the same command to continue", file=sys.stderr)
     print(f"report: {report}/table.md, table.csv, verdicts.json, plot.png ({len(judged)} verdicts)")

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from prune_lab.errors import PruneLabError
-from prune_lab.study import (STUDY_DIR, Claim, Study, carried_rows, collect, load_study, paired_verdict, verdicts,
-                             write_report)
+from prune_lab.study import (STUDY_DIR, Claim, Study, carried_rows, collect, covering, load_study, paired_verdict,
+                             verdicts, write_report)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -152,6 +152,12 @@ seeds: [0, 1]
     assert dry.returncode == 0, dry.stderr
     assert "3 finished (3 carried" in dry.stdout and dry.stdout.count("  todo ") == 1 and "b0.8_s1" in dry.stdout.split("todo")[1]
     assert "4 finished" not in subprocess.run([*cmd, "--fresh"], capture_output=True, text=True).stdout
+    # a run on other budgets or seeds keeps the report's rows outside its selection
+    narrow = load_study(str(path), budgets=[0.5], seeds=[0])
+    kept = collect(narrow, tmp_path / "jobs", carried_rows(narrow, report))
+    assert {(r["variant"], r["budget"], r["seed"]) for r in kept} == set(carried)
+    wide = covering(narrow, kept)
+    assert wide.budgets == [0.5, 0.8] and wide.seeds == [0, 1]
     # editing a variant's overrides changes its hash: its old rows are not reused
     path.write_text(path.read_text().replace("B: [method=random]", "B: [method=random, epochs=2]"))
     assert set(carried_rows(load_study(str(path)), report)) == {("A", 0.8, 0), ("A", 0.8, 1)}
