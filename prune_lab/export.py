@@ -45,10 +45,10 @@ def remove_modules(model: nn.Module, names: list[str]) -> None:
 
 
 def save_model(run_dir: Path, model: nn.Module, spec: dict, plan: dict[str, torch.Tensor],
-               example_input: torch.Tensor, removed: list[str] = (), fold_bn: bool = False) -> None:
+               example_input: torch.Tensor, removed: list[str] = (), fold_bn: bool = False,
+               channels_last: bool = False) -> None:
     """model.safetensors + model.json (the model as built, BN separate) and model.pt2: the program
-    as served, with every BatchNorm that follows a conv/linear folded into it when `fold_bn` (the
-    run's `latency.fold_bn`), so timing the deliverable times what results.json's latency measured."""
+    as served (`served_program`), so timing the deliverable times what results.json's latency measured."""
     run_dir = Path(run_dir)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(run_dir / "model.safetensors"))
@@ -63,11 +63,20 @@ def save_model(run_dir: Path, model: nn.Module, spec: dict, plan: dict[str, torc
         "layers": {n: list(p.shape) for n, p in model.named_parameters()},
     }
     (run_dir / "model.json").write_text(json.dumps(meta, indent=1))
+    torch.export.save(served_program(model, example_input, fold_bn, channels_last), str(run_dir / "model.pt2"))
+
+
+def served_program(model: nn.Module, example_input: torch.Tensor, fold_bn: bool = False,
+                   channels_last: bool = False) -> torch.export.ExportedProgram:
+    """`model` exported as results.json's latency serves it (`inference_copy`): every BatchNorm
+    that follows a conv/linear folded when `fold_bn`, conv weights stored channels-last when
+    `channels_last` (the run's `latency.*`). The weights' layout survives export and load and
+    decides the kernels (oneDNN runs NHWC for NHWC weights even on an NCHW input), so
+    `torch.export.load(...).module()` called on a plain tensor runs what was measured. Batch is dynamic."""
     batch = torch.export.Dim("batch", min=1, max=65536)
     x = example_input[:1].expand(2, *example_input.shape[1:]).contiguous().cpu()
-    served = inference_copy(model.cpu(), channels_last=False, fold_bn=True)[0] if fold_bn else model.cpu().eval()
-    program = torch.export.export(served, (x,), dynamic_shapes=({0: batch},))
-    torch.export.save(program, str(run_dir / "model.pt2"))
+    served = inference_copy(model.cpu(), channels_last=channels_last and x.dim() == 4, fold_bn=fold_bn)[0]
+    return torch.export.export(served, (x,), dynamic_shapes=({0: batch},))
 
 
 def load_model(run_dir: str | Path) -> nn.Module:

@@ -287,7 +287,8 @@ def run(cfg: DictConfig) -> dict:
         export_diff = float((masked(x) - final(x)).abs().max())
     plan = {k: v.cpu() for k, v in module.masks.channel_plan.items()}
     export.save_model(out_dir, final, model.prune_lab_spec, plan, example.cpu(), module.masks.removed,
-                      fold_bn=bool(cfg.latency.get("fold_bn", False)))
+                      fold_bn=bool(cfg.latency.get("fold_bn", False)),
+                      channels_last=bool(cfg.latency.get("channels_last", False)))
 
     dense_costs = {"params": dense["params"], "flops": dense["flops"]}
     pruned = {**pruned_metrics, **report.pruned_costs(dense_model, final, example.cpu(), dense_costs)}

@@ -124,26 +124,19 @@ def summary_table(results: dict):
 
 
 def exported_latency(pt2: Path, dense: nn.Module, example_input: torch.Tensor, latency) -> dict:
-    """The saved `model.pt2` (as `torch.export.load(...).module()` runs it: NCHW input, BN folded
-    when the run's latency folds it, as export does) timed against the dense model exported the same
-    way, interleaved, at the run's latency batch size: the deliverable as an independent check
-    times it, beside the served measurement."""
-    import copy
-    import statistics
-
+    """The saved `model.pt2`, as `torch.export.load(...).module()` runs it on a plain (NCHW)
+    tensor, timed against the dense model exported the same way (`export.served_program`, saved
+    beside it as `dense.pt2` so that anyone can time the pair), interleaved, at the run's latency
+    batch size, fastest rounds: the deliverable as an independent check times it."""
+    from prune_lab.export import served_program
     from prune_lab.sparsity.measure import interleaved_latency_ms
 
-    pruned = torch.export.load(str(pt2)).module()
-    batch = torch.export.Dim("batch", min=1, max=65536)
-    x2 = example_input[:1].expand(2, *example_input.shape[1:]).contiguous()
-    from prune_lab.sparsity.measure import inference_copy
-
-    fold = bool(latency.get("fold_bn", False))
-    served = inference_copy(dense.cpu(), channels_last=False, fold_bn=True)[0] if fold else copy.deepcopy(dense).cpu().eval()
-    dense_prog = torch.export.export(served, (x2,), dynamic_shapes=({0: batch},)).module()
-    xb = example_input[:1].expand(int(latency.batch_size), *example_input.shape[1:]).contiguous()
-    times = interleaved_latency_ms({"dense": dense_prog, "pruned": pruned}, xb, int(latency.warmup),
-                                   int(latency.repeats))
+    fold, cl = bool(latency.get("fold_bn", False)), bool(latency.get("channels_last", False))
+    dense_path = Path(pt2).with_name("dense.pt2")
+    torch.export.save(served_program(dense, example_input, fold, cl), str(dense_path))
+    programs = {"dense": torch.export.load(str(dense_path)).module(), "pruned": torch.export.load(str(pt2)).module()}
+    xb = example_input[:1].expand(int(latency.batch_size), *example_input.shape[1:]).contiguous().cpu()
+    times = interleaved_latency_ms(programs, xb, int(latency.warmup), int(latency.repeats))
     d, p = min(times["dense"]), min(times["pruned"])
-    return {"layout": "nchw", "bn_folded": fold, "stat": "min", "dense_ms": d, "pruned_ms": p,
-            "reduction": 1.0 - p / d}
+    return {"input": "nchw", "weights": "channels_last" if cl and xb.dim() == 4 else "contiguous",
+            "bn_folded": fold, "stat": "min", "dense_ms": d, "pruned_ms": p, "reduction": 1.0 - p / d}

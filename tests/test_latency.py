@@ -248,6 +248,16 @@ def test_latency_run_records_table_measurement_and_exported_model(tmp_path, dens
     achieved = 1 - lat["pruned_min_ms"] / lat["dense_min_ms"]
     assert res["budget_met"] == (abs(achieved - 0.2) <= 0.04)
     assert set(lat["exported"]) >= {"dense_ms", "pruned_ms", "reduction"}
+    # model.pt2 and dense.pt2 are served as measured: conv weights stay channels-last through
+    # export and load (latency.channels_last=true), so a plain NCHW call runs the measured kernels
+    import torch
+
+    for name in ("model.pt2", "dense.pt2"):
+        program = torch.export.load(str(out / name)).module()
+        convs = [p for p in program.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[-1] > 1]
+        assert convs and all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+                             for p in convs), name
+    assert lat["exported"]["weights"] == "channels_last" and lat["exported"]["input"] == "nchw"
     assert res["pruned"]["flops_reduction"] > 0  # channels were removed to meet it
 
     # the study helpers read such a run: re-timed alone (a key added to results.json, nothing else
@@ -268,6 +278,10 @@ def test_latency_run_records_table_measurement_and_exported_model(tmp_path, dens
     probe = subprocess.run([sys.executable, str(root / "scripts" / "latency_noise.py"), str(job), "--processes", "1",
                             "--rounds", "2"], capture_output=True, text=True, timeout=300)
     assert probe.returncode == 0 and "2 reductions" in probe.stdout, probe.stderr
+    probe = subprocess.run([sys.executable, str(root / "scripts" / "latency_noise.py"), str(job), "--processes", "1",
+                            "--rounds", "2", "--exported"], capture_output=True, text=True, timeout=300)
+    assert probe.returncode == 0 and "2 reductions" in probe.stdout and "budget: 0.2 (latency)" in probe.stdout, \
+        probe.stderr
     bad = subprocess.run([sys.executable, str(root / "scripts" / "latency_noise.py"), str(tmp_path)],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "no model.json" in bad.stderr
