@@ -139,7 +139,8 @@ def test_unreachable_latency_budget_is_refused(fake_timing, tmp_path):
 
 
 def test_meet_latency_corrects_a_biased_prediction():
-    """measured = predicted − 0.1: the second round asks for 0.1 more and lands on the target."""
+    """measured = predicted − 0.1: the second round asks for the miss more, aimed at the middle of
+    the accepted window [0.4, 0.41], and lands in it."""
     def solve(asked):
         return {"asked": asked}, asked
 
@@ -147,8 +148,26 @@ def test_meet_latency_corrects_a_biased_prediction():
         return plan["asked"] - 0.1
 
     plan, history = meet_latency(solve, measure, 0.4, tolerance=0.02, rounds=3)
-    assert [round(h["asked"], 6) for h in history] == [0.4, 0.5]
-    assert plan["asked"] == pytest.approx(0.5) and history[-1]["measured"] == pytest.approx(0.4)
+    assert [round(h["asked"], 6) for h in history] == [0.4, 0.505]
+    assert plan["asked"] == pytest.approx(0.505) and history[-1]["measured"] == pytest.approx(0.405)
+
+
+def test_meet_latency_treats_the_budget_as_a_ceiling_on_latency():
+    """A plan just short of the budget is not accepted though it is closer than one just past it;
+    without a round in the window, a shortfall counts twice an overshoot."""
+    def run(measured_values, rounds=3):
+        values = iter(measured_values)
+        return meet_latency(lambda asked: ({"asked": asked}, asked), lambda plan: next(values), 0.4,
+                            tolerance=0.02, rounds=rounds)
+
+    plan, history = run([0.397, 0.404])
+    assert len(history) == 2 and history[-1]["measured"] == 0.404 and plan["asked"] == pytest.approx(0.408)
+    plan, history = run([0.396, 0.418, 0.39])  # misses 0.008, 0.018, 0.02: the first is kept
+    assert len(history) == 3 and plan["asked"] == 0.4
+    plan, history = run([0.397, 0.415, 0.38])  # misses 0.006, 0.015, 0.04
+    assert plan["asked"] == 0.4
+    plan, history = run([0.392, 0.413], rounds=2)  # misses 0.016 vs 0.013: the overshoot is kept
+    assert plan["asked"] == pytest.approx(0.413)
 
 
 def test_meet_latency_keeps_the_best_when_a_correction_is_out_of_reach():

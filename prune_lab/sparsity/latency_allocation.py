@@ -228,11 +228,23 @@ def max_reduction(groups: ChannelGroups, table: LatencyTable, round_to: int = 1,
 
 
 def meet_latency(solve, measure, target: float, tolerance: float, rounds: int = 3, ceiling: float = 0.99):
-    """Solve for `target`, measure the shrunk plan, ask the solver for target + (target − measured)
-    and repeat, `rounds` times at most or until |measured − target| ≤ tolerance / 2.
+    """Solve for `target`, measure the shrunk plan, correct the request by the miss and repeat,
+    `rounds` times at most or until a plan's measured reduction lies in [target, target + tolerance / 2].
+
+    The budget is a ceiling on latency, as HALP's constraint is: a plan that removes a little more
+    than asked is acceptable, one that removes less is not. So each correction aims at the middle
+    of that window (asks for asked + (target + tolerance / 4 − measured)), and when no round lands
+    in it the plan kept is the one with the smallest miss, a shortfall counting twice an overshoot.
+    (Aiming at the target itself left the final re-measurement below it half of the time: a
+    ResNet-50 plan accepted at 0.492 for 0.5 re-measured 0.470.)
 
     solve(asked) -> (plan, predicted reduction); measure(plan) -> measured reduction.
-    Returns the plan measured closest to the target and the history of the rounds."""
+    Returns the chosen plan and the history of the rounds."""
+    aim = target + tolerance / 4
+
+    def miss(measured: float) -> float:
+        return measured - target if measured >= target else 2.0 * (target - measured)
+
     asked, history, best = target, [], None
     for i in range(max(1, rounds)):
         try:
@@ -246,9 +258,9 @@ def meet_latency(solve, measure, target: float, tolerance: float, rounds: int = 
         history.append({"asked": asked, "predicted": predicted, "measured": measured})
         log.info("latency plan: asked %.4f, table predicts %.4f, measured %.4f (target %.4f)",
                  asked, predicted, measured, target)
-        if best is None or abs(measured - target) < abs(best[1] - target):
+        if target <= measured <= target + tolerance / 2:
+            return plan, history
+        if best is None or miss(measured) < miss(best[1]):
             best = (plan, measured)
-        if abs(measured - target) <= tolerance / 2:
-            break
-        asked = min(max(asked + (target - measured), 0.0), ceiling)
+        asked = min(max(asked + (aim - measured), 0.0), ceiling)
     return best[0], history
