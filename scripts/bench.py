@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 import warnings
@@ -29,6 +28,7 @@ from prune_lab.bench.latency_target import latency_target_speedup
 from prune_lab.bench.training import (channels_last_gain, peak_memory, stp_search_cost, train_overhead,
                                       unipts_search_cost, update_cost)
 from prune_lab.models import create_model
+from prune_lab.sparsity.latency import cpu_isa, cpu_name
 
 
 def main() -> int:
@@ -68,7 +68,7 @@ def main() -> int:
     quick = args.quick
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     t_start = time.time()
-    res: dict = {"env": {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor(),
+    res: dict = {"env": {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_name(), "cpu_isa": cpu_isa(),
                          "device": device, "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
                          "amp": amp, "compile": args.compile, "quick": quick}}
     if args.latency_target is not None:

@@ -57,6 +57,20 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_isa() -> str:
+    """The widest x86 vector extension the CPU has ("avx512", "avx2", "avx", ""), from /proc/cpuinfo:
+    hosts sold under one model name ("AMD EPYC" on a VM) differ in it, and so do their timings."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                return next((isa for isa, flag in (("avx512", "avx512f"), ("avx2", "avx2"), ("avx", "avx"))
+                             if flag in flags), "")
+    except OSError:
+        pass
+    return ""
+
+
 def _levels(size: int, prunable: bool, points: int) -> list[int]:
     if not prunable:
         return [size]
@@ -125,7 +139,7 @@ class LatencyTable:
                 prunable[name][kind] = True
         inputs = self._input_shapes(model, example_input)
         self.sigs, self.grids = {}, {}
-        env = dict(cpu=cpu_name(), threads=torch.get_num_threads(), torch=torch.__version__, device=device,
+        env = dict(cpu=cpu_name(), isa=cpu_isa(), threads=torch.get_num_threads(), torch=torch.__version__, device=device,
                    gpu=torch.cuda.get_device_name() if device == "cuda" else None, points=self.points,
                    batch=self.settings["batch_size"], cl=self.settings["channels_last"])
         self.env = env
