@@ -206,8 +206,10 @@ def carried_rows(study: Study, report: Path) -> dict[tuple[str, float, int], dic
             variant = row.get("variant")
             if variant not in study.variants or row.get("config") != study.config_hash(variant):
                 continue
-            parsed = {k: (v if k in ("variant", "config") else int(v) if k == "seed" else float(v))
+            parsed = {k: (v if k in ("variant", "config") else int(v) if k == "seed" else float(v or "nan"))
                       for k, v in row.items() if k is not None}
+            for label in study.columns:  # a column added to the study since: unknown for the old rows
+                parsed.setdefault(label, float("nan"))
             carried[(variant, parsed["budget"], parsed["seed"])] = parsed
     return carried
 

@@ -152,6 +152,10 @@ seeds: [0, 1]
     assert dry.returncode == 0, dry.stderr
     assert "3 finished (3 carried" in dry.stdout and dry.stdout.count("  todo ") == 1 and "b0.8_s1" in dry.stdout.split("todo")[1]
     assert "4 finished" not in subprocess.run([*cmd, "--fresh"], capture_output=True, text=True).stdout
+    # a column added to the study since the rows were written reads as unknown (NaN) for them
+    wider = load_study(str(path))
+    wider.columns["new column"] = "pruned.sparsity"
+    assert math.isnan(carried_rows(wider, report)[("A", 0.8, 0)]["new column"])
     # a run on other budgets or seeds keeps the report's rows outside its selection
     narrow = load_study(str(path), budgets=[0.5], seeds=[0])
     kept = collect(narrow, tmp_path / "jobs", carried_rows(narrow, report))
