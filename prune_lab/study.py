@@ -73,6 +73,11 @@ class Study:
     metric: str = "pruned.top1"
     columns: dict[str, str] = field(default_factory=dict)
     claims: list[Claim] = field(default_factory=list)
+    # variants run at some budgets only (a diagnosis at one budget): variant -> its budgets
+    only: dict[str, list[float]] = field(default_factory=dict)
+
+    def runs_at(self, variant: str, budget: float) -> bool:
+        return variant not in self.only or budget in self.only[variant]
 
     def config_hash(self, variant: str) -> str:
         """Hash of the overrides a variant's jobs get: editing a variant re-runs it instead of reusing old jobs."""
@@ -86,7 +91,7 @@ class Study:
         """Seed-major order: the first job of each seed trains (and caches) that seed's dense reference."""
         return [Job(v, b, s, (*self.base, *ov, f"budget={b}", f"seed={s}"),
                     self.variant_dir(out, v) / f"b{b:g}_s{s}")
-                for s in self.seeds for v, ov in self.variants.items() for b in self.budgets]
+                for s in self.seeds for v, ov in self.variants.items() for b in self.budgets if self.runs_at(v, b)]
 
 
 def _fail(name: str, problem: str) -> PruneLabError:
@@ -107,7 +112,15 @@ def load_study(name_or_path: str, seeds: list[int] | None = None, budgets: list[
     unknown = set(raw) - {"description", "base", "variants", "budgets", "seeds", "metric", "columns", "claims"}
     if unknown:
         raise _fail(name, f"unknown keys {sorted(unknown)}")
-    variants = {str(k): [str(o) for o in (v or [])] for k, v in (raw.get("variants") or {}).items()}
+    # a variant is a list of overrides, or {overrides: [...], budgets: [...]} to run at those budgets only
+    variants, only = {}, {}
+    for k, v in (raw.get("variants") or {}).items():
+        if isinstance(v, dict):
+            if set(v) - {"overrides", "budgets"} or not v.get("budgets"):
+                raise _fail(name, f"variant {k!r}: give a list of overrides or {{overrides: [...], budgets: [...]}}")
+            only[str(k)] = [float(b) for b in v["budgets"]]
+            v = v.get("overrides")
+        variants[str(k)] = [str(o) for o in (v or [])]
     if not variants:
         raise _fail(name, "no variants")
     # an extra override replaces the base's override of the same key (--set experiment=...)
@@ -118,7 +131,7 @@ def load_study(name_or_path: str, seeds: list[int] | None = None, budgets: list[
                   budgets=[float(b) for b in (budgets or raw.get("budgets") or [])],
                   seeds=[int(s) for s in (seeds if seeds is not None else raw.get("seeds") or [0, 1, 2])],
                   metric=str(raw.get("metric", "pruned.top1")),
-                  columns={str(k): str(v) for k, v in (raw.get("columns") or {}).items()})
+                  columns={str(k): str(v) for k, v in (raw.get("columns") or {}).items()}, only=only)
     if not study.budgets or any(not 0.0 <= b < 1.0 for b in study.budgets):
         raise _fail(name, f"budgets={study.budgets} must be a non-empty list of fractions in [0, 1)")
     if not study.seeds or any(s < 0 for s in study.seeds) or len(set(study.seeds)) != len(study.seeds):
@@ -256,7 +269,8 @@ def verdicts(study: Study, rows: list[dict]) -> list[dict]:
         for budget in [claim.budget] if claim.budget is not None else study.budgets:
             seeds = [s for s in study.seeds if (claim.a, budget, s) in value and (claim.b, budget, s) in value]
             diffs = [value[(claim.a, budget, s)] - value[(claim.b, budget, s)] for s in seeds]
-            v = paired_verdict(diffs, claim.op, claim.margin) if budget in study.budgets else \
+            run = budget in study.budgets and study.runs_at(claim.a, budget) and study.runs_at(claim.b, budget)
+            v = paired_verdict(diffs, claim.op, claim.margin) if run else \
                 {"n": 0, "mean": float("nan"), "ci95": [float("nan")] * 2, "verdict": "budget not run"}
             out.append({"claim": claim.text(budget), "a": claim.a, "b": claim.b, "op": claim.op,
                         "budget": budget, "margin": claim.margin, "metric": study.metric, "seeds": seeds,
@@ -291,6 +305,8 @@ def write_report(study: Study, rows: list[dict], report: Path) -> list[dict]:
     for budget in study.budgets:
         for variant in study.variants:
             sel = [r for r in rows if r["variant"] == variant and r["budget"] == budget]
+            if not sel and not study.runs_at(variant, budget):
+                continue
             cells = [variant, f"{budget:g}", _mean_std([r["metric"] for r in sel], pct),
                      _mean_std([r["flops_reduction"] for r in sel], 100), _mean_std([r["params_reduction"] for r in sel], 100)]
             cells += [_mean_std([r[c] for r in sel], 1.0) for c in study.columns]

@@ -3,6 +3,7 @@
     python scripts/study.py dst                          # every job, 2 one-thread jobs at a time
     python scripts/study.py dst --report docs/studies/dst   # also write the table where the README reads it
     python scripts/study.py dst --seeds 3 4 5             # re-check the claims on other seeds
+    python scripts/study.py dst --budgets 0.95 --variants RigL IEE   # part of it first
     python scripts/study.py dst --dry-run                 # list the jobs and what is finished
     python scripts/study.py dst --report-only             # tables from the finished jobs, run nothing
 
@@ -35,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="threads per job (OMP_NUM_THREADS, default 1)")
     ap.add_argument("--seeds", type=int, nargs="+", help="replace the study's seeds (re-checks)")
     ap.add_argument("--budgets", type=float, nargs="+", help="replace the study's budgets")
+    ap.add_argument("--variants", nargs="+", metavar="NAME", help="run only these variants' jobs (the report "
+                    "still holds every finished row): the core comparison first, ablations later")
     ap.add_argument("--set", dest="extra", nargs="+", default=[], metavar="OVERRIDE",
                     help="overrides added to every job (a separate output folder)")
     ap.add_argument("--out", type=Path, help="job folder root (default outputs/studies/<name>[-<hash of --set>])")
@@ -46,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         study = load_study(args.study, seeds=args.seeds, budgets=args.budgets, extra=args.extra)
+        unknown = sorted(set(args.variants or []) - set(study.variants))
+        if unknown:
+            raise PruneLabError(f"--variants {', '.join(map(repr, unknown))}: not in study {study.name}; "
+                                f"its variants are: {', '.join(map(repr, study.variants))}")
         if not args.report_only:
             check_overrides(study)
     except PruneLabError as e:
@@ -54,12 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     suffix = "-" + hashlib.sha1(" ".join(args.extra).encode()).hexdigest()[:6] if args.extra else ""
     out = args.out or ROOT / "outputs" / "studies" / f"{study.name}{suffix}"
     report = args.report or out
-    jobs = study.jobs(out)
+    jobs = [j for j in study.jobs(out) if not args.variants or j.variant in args.variants]
     carried = {} if args.fresh else carried_rows(study, report)
     is_carried = [not j.done and (j.variant, j.budget, j.seed) in carried for j in jobs]
     finished = sum(j.done for j in jobs) + sum(is_carried)
     print(f"study {study.name}: {len(jobs)} jobs ({len(study.variants)} variants × {len(study.budgets)} budgets × "
-          f"{len(study.seeds)} seeds), {finished} finished ({sum(is_carried)} carried from {report / 'table.csv'}); "
+          f"{len(study.seeds)} seeds{'; some variants at their own budgets only' if study.only else ''}), {finished} finished ({sum(is_carried)} carried from {report / 'table.csv'}); "
           f"jobs in {out}")
     if args.dry_run:
         for j, c in zip(jobs, is_carried):

@@ -455,3 +455,39 @@ def test_iee_channels_keep_group_counts_and_flops_and_freeze_active():
             assert torch.equal(final["masks"][n], m)
     assert any(not torch.equal(final["plan"][r], plan0[r]) for r in plan0)  # channels did move
     assert_explore_freezes_active(policy, probe)
+
+
+def test_iee_turnover_record_recounts_each_grow_from_the_masks():
+    """`train.turnover`: each grow's units split into those pruned in the same cycle, pruned in an
+    earlier cycle and never active, recounted here from the probe's masks."""
+    policy = iee()
+    _, probe = fit(policy)
+    rows = policy.report()["turnover"]["per_grow"]
+    assert [r["cycle"] for r in rows] == [0, 1]
+    layers = probe.start[PRUNE[0]]["keep"].keys()
+    ever = {n: probe.start[1]["masks"][n].clone() for n in layers}  # the initial mask (made at step 0)
+    for row, p, g in zip(rows, PRUNE, GROW):
+        before_prune = {n: probe.start[p - 1]["masks"][n] for n in layers}  # no exploration is open then
+        after_prune, after_grow = probe.start[p]["keep"], probe.start[g]["keep"]
+        grown = {n: after_grow[n] & ~after_prune[n] for n in layers}
+        returning = sum(int((grown[n] & before_prune[n] & ~after_prune[n]).sum()) for n in layers)
+        never = sum(int((grown[n] & ~ever[n]).sum()) for n in layers)
+        assert row["grown"] == sum(int(x.sum()) for x in grown.values()) > 0
+        assert (row["returning"], row["never_active"]) == (returning, never)
+        assert row["returning"] + row["earlier"] + row["never_active"] == row["grown"]
+        ever = {n: ever[n] | after_grow[n] for n in layers}
+    assert rows[0]["earlier"] == 0  # nothing was pruned before the first cycle
+
+
+def test_grow_loss_record_draws_its_batches_without_changing_the_run():
+    """The grow-loss record every IEE run keeps (results.json train.grow_loss) draws its training
+    batches itself; the run is bit-identical to one without it."""
+    a, _ = fit(iee())
+    meter = GrowLoss(n_batches=2, batch_size=128, seed=0)
+    b, _ = fit(iee(), extra=[meter])
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    report = meter.report()["train"]["grow_loss"]
+    assert [r["step"] for r in report["per_grow"]] == list(GROW) and len(meter.batches) == 2
+    assert report["mean_increase_vs_zero"] == pytest.approx(
+        sum(r["loss"] - r["loss_at_zero"] for r in report["per_grow"]) / len(GROW))

@@ -41,6 +41,7 @@ def test_every_shipped_study_loads_and_composes():
     ("variants: {A: [method=magnitude]}\nbudgets: [0.5]\nclaims: [{a: A, b: A, op: '<'}]", "claim op '<'"),
     ("variants: {A: [method=magnitude]}\nbudgets: [0.5]\nseeds: [0, 0]", "seeds=[0, 0]"),
     ("variants: {A: [method=magnitude]}\nbudget: [0.5]", "unknown keys ['budget']"),
+    ("variants: {A: {overrides: [method=magnitude]}}\nbudgets: [0.5]", "variant 'A': give a list of overrides"),
 ])
 def test_bad_study_configs_are_one_line(tmp_path, body, expected):
     with pytest.raises(PruneLabError, match=None) as err:
@@ -174,6 +175,42 @@ def test_claim_at_a_budget_not_run():
     study = Study(name="t", description="", base=[], variants={"A": [], "B": []}, budgets=[0.5], seeds=[0, 1],
                   claims=[Claim("A", "B", ">", 0.9)])
     assert verdicts(study, [])[0]["verdict"] == "budget not run"
+
+
+def test_a_variant_restricted_to_some_budgets_runs_and_is_judged_only_there(tmp_path):
+    path = write_yaml(tmp_path / "diag.yaml", """
+variants:
+  A: [method=magnitude]
+  probe: {overrides: [method=random], budgets: [0.5]}
+budgets: [0.5, 0.9]
+seeds: [0, 1]
+claims: [{a: A, b: probe}]
+""")
+    study = load_study(str(path))
+    jobs = study.jobs(tmp_path)
+    assert sorted((j.variant, j.budget) for j in jobs if j.seed == 0) == [("A", 0.5), ("A", 0.9), ("probe", 0.5)]
+    # the overrides (hence the config hash and the job folder) are the plain list's
+    assert study.variants["probe"] == ["method=random"]
+    rows = [{"variant": v, "budget": b, "seed": s, "metric": m, "dense_top1": 0.9, "flops_reduction": 0.5,
+             "params_reduction": 0.5, "train_wall_s": 1.0}
+            for s in (0, 1) for v, b, m in (("A", 0.5, 0.8 + s / 100), ("A", 0.9, 0.7), ("probe", 0.5, 0.6 + s / 50))]
+    judged = {v["budget"]: v for v in write_report(study, rows, tmp_path / "r")}
+    assert judged[0.5]["n"] == 2 and judged[0.9]["verdict"] == "budget not run"
+    table = (tmp_path / "r" / "table.md").read_text()
+    assert "| probe | 0.5 |" in table and "| probe | 0.9 |" not in table
+
+
+def test_variants_option_selects_jobs_and_rejects_unknown_names(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from study import main
+
+    path = write_yaml(tmp_path / "sel.yaml", "variants: {A: [method=magnitude], B: [method=random]}\nbudgets: [0.5]\n")
+    assert main([str(path), "--out", str(tmp_path / "o"), "--variants", "B", "--dry-run"]) == 0
+    listed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  todo")]
+    assert len(listed) == 3 and all("method=random" in line for line in listed)  # seeds 0, 1, 2 of B only
+    assert main([str(path), "--variants", "C", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "'C'" in err and "'A', 'B'" in err and "\n" not in err
 
 
 @pytest.mark.slow

@@ -114,7 +114,8 @@ class Regrowth(L.Callback):
         masks = self.policy.masks
         received = sum(int((c * masks[n].to(c.device)).sum()) for n, c in self.updates.items())
         active = sum(int(masks[n].sum()) for n in self.updates)
-        return {"train": {"flops_ratio": self.cost.ratio, "active_updates": received / max(active, 1)}}
+        return {"train": {"flops_ratio": self.cost.ratio, "active_updates": received / max(active, 1),
+                          **self.policy.report()}}
 
     def on_train_end(self, trainer, pl_module):
         if self.rank_checks:

@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from prune_lab.errors import PruneLabError
+from prune_lab.methods.iee_probe import Turnover
 from prune_lab.methods.iee_units import ChannelUnits, WeightUnits
 from prune_lab.sparsity import ExponentialDecay
 from prune_lab.sparsity.nm import NMPattern
@@ -123,6 +124,7 @@ class IEE(RegrowthPolicy):
         self.acc_key: list = []                            # ["prune" | "grow", cycle] they belong to
         self.bn_saved: dict[str, torch.Tensor] | None = None  # BN statistics before this exploration
         self.last_step = -1
+        self.record = Turnover()  # a record, not a decision: which units each grow brought back
         # transient
         self.total_steps = 0
         self._frozen_masks = None
@@ -204,6 +206,7 @@ class IEE(RegrowthPolicy):
         if self.target == "params":  # weight-unit state lives with the weights; channel state on CPU
             move = (lambda d: None if d is None else {n: v.to(device) for n, v in d.items()})
             self.keep, self.acc = move(self.keep), move(self.acc)
+            self.record.to(device)
             self.pending = {k: v.to(device) if torch.is_tensor(v) else v for k, v in self.pending.items()}
 
     @torch.no_grad()
@@ -337,12 +340,14 @@ class IEE(RegrowthPolicy):
             self.keep = self.units.keep_from_masks()
         scores = self._scores("prune", cycle)
         old = self.units.param_masks(self.keep)
+        self.record.start(self.keep)
         for layer, keep in self.keep.items():
             s = scores[layer].to(keep.device)
             kept = int(keep.sum())
             n = min(round(omega * kept), kept - 1)  # a layer never loses its last unit
             removed = lowest(s, keep, n)
             self.keep[layer] = keep & ~removed
+            self.record.pruned[layer] = removed
             # N:M: each group grows back as many as it lost, so the pattern holds after the grow
             self.pending[layer] = self.pattern.group_counts(removed) if self.pattern is not None else n
         new = self.units.param_masks(self.keep)
@@ -370,6 +375,7 @@ class IEE(RegrowthPolicy):
         old = self.units.param_masks(self.keep)
         params = dict(self.model.named_parameters())
         scores = self._scores("grow", cycle)
+        before = {layer: keep.clone() for layer, keep in self.keep.items()}
         if self.explore and self.mru_mode == "explored":  # the first implementation's reading
             for name, m in old.items():
                 self.mru[name] = torch.where(m, self.mru[name], params[name])
@@ -381,6 +387,7 @@ class IEE(RegrowthPolicy):
                 grown = highest(s, ~keep, count)
             self.keep[layer] = keep | grown
         self.pending = {}
+        self.record.grown(cycle, before, self.keep)
         new = self.units.param_masks(self.keep)
         for name, m in new.items():
             grown = m & ~old[name]
@@ -398,6 +405,9 @@ class IEE(RegrowthPolicy):
             self.bn_saved = None
         self._set_masks(new, {name: ~m for name, m in old.items()}, optimizers)
 
+    def report(self) -> dict:
+        return self.record.report()
+
     def _set_masks(self, new: dict[str, torch.Tensor], reset: dict[str, torch.Tensor], optimizers) -> None:
         for name, m in new.items():
             self.masks.set(name, m)
@@ -411,10 +421,12 @@ class IEE(RegrowthPolicy):
     # -- state ----------------------------------------------------------------------------
     def state_dict(self):
         return {"keep": self.keep, "mru": self.mru, "pending": dict(self.pending), "acc": self.acc,
-                "acc_key": list(self.acc_key), "last_step": self.last_step, "bn_saved": self.bn_saved}
+                "acc_key": list(self.acc_key), "last_step": self.last_step, "bn_saved": self.bn_saved,
+                "turnover": self.record.state_dict()}
 
     def load_state_dict(self, state):
         self.keep, self.mru = state["keep"], state["mru"]
         self.pending = {k: v if torch.is_tensor(v) else int(v) for k, v in state["pending"].items()}
         self.acc, self.acc_key, self.last_step = state["acc"], list(state["acc_key"]), int(state["last_step"])
         self.bn_saved = state.get("bn_saved")
+        self.record.load_state_dict(state.get("turnover"))

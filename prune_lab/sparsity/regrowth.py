@@ -124,6 +124,10 @@ class RegrowthPolicy:
         """Entries this step's optimizer update trained; None: the MaskSet's masks after the step."""
         return None
 
+    def report(self) -> dict:
+        """What the policy records about its decisions, merged into results.json's `train`."""
+        return {}
+
     def state_dict(self) -> dict:
         return {}
 
