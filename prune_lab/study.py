@@ -283,8 +283,9 @@ def _mean_std(values: list[float], scale: float) -> str:
     values = [v for v in values if v == v]  # NaN: the column does not apply
     if not values:
         return "–"
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{scale * statistics.fmean(values):.2f} ± {scale * std:.2f}"
+    mean, std = scale * statistics.fmean(values), scale * (statistics.stdev(values) if len(values) > 1 else 0.0)
+    digits = 2 if abs(mean) >= 0.1 or mean == 0 else 4  # small quantities (a loss change) keep their digits
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def write_report(study: Study, rows: list[dict], report: Path) -> list[dict]:
