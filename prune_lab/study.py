@@ -333,38 +333,10 @@ def write_report(study: Study, rows: list[dict], report: Path) -> list[dict]:
     (report / "table.md").write_text("\n".join(lines))
     (report / "verdicts.json").write_text(json.dumps(judged, indent=2))
     if rows:
+        from prune_lab.study_plots import plot
+
         plot(study, rows, report / "plot.png", pct)
     return judged
-
-
-def plot(study: Study, rows: list[dict], path: Path, scale: float) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    for i, variant in enumerate(study.variants):
-        xs, ys, es = [], [], []
-        for budget in study.budgets:
-            vals = [r["metric"] for r in rows if r["variant"] == variant and r["budget"] == budget and r["metric"] == r["metric"]]
-            if vals:
-                xs.append(budget + (i - len(study.variants) / 2) * 0.002)  # a small dodge keeps error bars apart
-                ys.append(scale * statistics.fmean(vals))
-                es.append(scale * (statistics.stdev(vals) if len(vals) > 1 else 0.0))
-        if xs:
-            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=variant)
-    dense = [r["dense_top1"] for r in rows if r["dense_top1"] == r["dense_top1"]]
-    if dense and study.metric.endswith("top1"):
-        ax.axhline(100 * statistics.fmean(dense), color="gray", ls="--", lw=1, label="dense")
-    ax.set_xlabel("budget")
-    ax.set_ylabel(study.metric + (" (%)" if scale == 100 else ""))
-    ax.set_title(f"study {study.name}: mean ± std over seeds")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 # -- running ------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 from prune_lab.errors import PruneLabError  # noqa: E402
 from prune_lab.study import (carried_rows, check_overrides, collect, covering, load_study, run_jobs,  # noqa: E402
                              write_report)
+from prune_lab.study_plots import curves  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                               progress=lambda j: bar.update(task, advance=1, last=f"{j.variant} b={j.budget:g} s={j.seed}"))
     rows = collect(study, out, carried)
     judged = write_report(covering(study, rows), rows, report)
+    drawn = curves(study, study.jobs(out), report / "curves.png")
     print((report / "table.md").read_text())
     for job, rc in failed:
         print(f"failed (exit {rc}): {job.directory} — see its run.log", file=sys.stderr)
@@ -91,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     missing = sum((j.variant, j.budget, j.seed) not in have for j in jobs)
     if missing:
         print(f"{missing} of {len(jobs)} jobs have no results yet; run the same command to continue", file=sys.stderr)
-    print(f"report: {report}/table.md, table.csv, verdicts.json, plot.png ({len(judged)} verdicts)")
+    print(f"report: {report}/table.md, table.csv, verdicts.json, plot.png ({len(judged)} verdicts)"
+          + (f", curves.png ({drawn} runs with their job folder here)" if drawn else ""))
     return 1 if failed else 0
 
 

@@ -213,6 +213,24 @@ def test_variants_option_selects_jobs_and_rejects_unknown_names(tmp_path, capsys
     assert "'C'" in err and "'A', 'B'" in err and "\n" not in err
 
 
+def test_curves_average_the_logged_validation_accuracy_over_seeds(tmp_path):
+    from prune_lab.study_plots import curves, read_curve
+
+    study = Study(name="t", description="", base=[], variants={"A": [], "B": []}, budgets=[0.5], seeds=[0, 1])
+    jobs = study.jobs(tmp_path)
+    for job in jobs:
+        if job.variant == "B" and job.seed == 1:
+            continue  # not finished: not drawn
+        (job.directory / "csv").mkdir(parents=True)
+        (job.directory / "results.json").write_text("{}")
+        lines = ["epoch,step,train/loss,val/top1"] + [f"{e},{e},0.5," for e in range(3)] + \
+            [f"{e},{e},,{0.5 + e / 10 + job.seed / 100}" for e in range(3)]
+        (job.directory / "csv" / "metrics.csv").write_text("\n".join(lines))
+    assert read_curve(jobs[0].directory) == {0: 0.5, 1: 0.6, 2: 0.7}  # seed 0, variant A
+    assert curves(study, jobs, tmp_path / "curves.png") == 3 and (tmp_path / "curves.png").stat().st_size > 0
+    assert curves(study, [], tmp_path / "none.png") == 0 and not (tmp_path / "none.png").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.ci
 def test_study_runs_resumes_and_starts_no_job_the_second_time(tmp_path, dense_dir):

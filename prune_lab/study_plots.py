@@ -1,0 +1,82 @@
+"""Pictures of a study: the metric against the budget (`plot.png`, from the rows) and the
+validation accuracy against the epoch (`curves.png`, from the job folders still on this machine)."""
+from __future__ import annotations
+
+import csv
+import statistics
+from pathlib import Path
+
+
+def plot(study: Study, rows: list[dict], path: Path, scale: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for i, variant in enumerate(study.variants):
+        xs, ys, es = [], [], []
+        for budget in study.budgets:
+            vals = [r["metric"] for r in rows if r["variant"] == variant and r["budget"] == budget and r["metric"] == r["metric"]]
+            if vals:
+                xs.append(budget + (i - len(study.variants) / 2) * 0.002)  # a small dodge keeps error bars apart
+                ys.append(scale * statistics.fmean(vals))
+                es.append(scale * (statistics.stdev(vals) if len(vals) > 1 else 0.0))
+        if xs:
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=variant)
+    dense = [r["dense_top1"] for r in rows if r["dense_top1"] == r["dense_top1"]]
+    if dense and study.metric.endswith("top1"):
+        ax.axhline(100 * statistics.fmean(dense), color="gray", ls="--", lw=1, label="dense")
+    ax.set_xlabel("budget")
+    ax.set_ylabel(study.metric + (" (%)" if scale == 100 else ""))
+    ax.set_title(f"study {study.name}: mean ± std over seeds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def read_curve(job_dir: Path, key: str = "val/top1") -> dict[int, float]:
+    """Epoch -> the run's logged `key` (csv/metrics.csv of a train.py run); {} if it has none."""
+    path = job_dir / "csv" / "metrics.csv"
+    if not path.is_file():
+        return {}
+    with open(path, newline="") as f:
+        return {int(r["epoch"]): float(r[key]) for r in csv.DictReader(f) if r.get(key)}
+
+
+def curves(study, jobs, path: Path, key: str = "val/top1") -> int:
+    """Mean over seeds of `key` per epoch, one line per variant, one panel per budget, from the
+    finished jobs whose folders exist (rows carried from another machine have no curve).
+    Returns the number of runs drawn (0: nothing written)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    found = {}
+    for job in jobs:
+        curve = read_curve(job.directory, key) if job.done else {}
+        if curve:
+            found.setdefault((job.budget, job.variant), []).append(curve)
+    if not found:
+        return 0
+    budgets = sorted({b for b, _ in found})
+    fig, axes = plt.subplots(1, len(budgets), figsize=(6.5 * len(budgets), 4.5), squeeze=False)
+    for ax, budget in zip(axes[0], budgets):
+        for variant in study.variants:
+            runs = found.get((budget, variant))
+            if not runs:
+                continue
+            epochs = sorted(set.intersection(*(set(c) for c in runs)))
+            ax.plot([e + 1 for e in epochs], [100 * statistics.fmean(c[e] for c in runs) for e in epochs],
+                    marker=".", label=f"{variant} ({len(runs)})")
+        ax.set_title(f"budget {budget:g}: {key}, mean over (n) seeds")
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return sum(len(v) for v in found.values())
