@@ -25,6 +25,8 @@ class GrowLoss(L.Callback):
             from prune_lab.callbacks import Regrowth
 
             self.policy = next(cb.policy for cb in trainer.callbacks if isinstance(cb, Regrowth))
+        if self.batches is None and getattr(trainer, "datamodule", None) is None:
+            self.batches = []  # fitted without a datamodule: nothing to draw from, no record
         if self.batches is None:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.seed)
@@ -45,6 +47,8 @@ class GrowLoss(L.Callback):
         return loss / len(self.batches)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if not self.batches:
+            return
         p, t = self.policy, trainer.global_step
         keep = None if p.keep is None else {k: v.clone() for k, v in p.keep.items()}
         if self.prev is not None and t > 0 and t % p.cycle == 0 and t // p.cycle <= p.n:  # a grow just happened
