@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install data test test-slow quickstart summarize bench clean
+.PHONY: install data test test-slow quickstart summarize bench gpu-wheels clean
 
 install: $(BIN)/.installed
 
@@ -37,6 +37,10 @@ quickstart: install
 BENCH_ARGS ?= --quick
 bench: install
 	$(BIN)/python scripts/bench.py $(BENCH_ARGS) --out bench.json
+
+# What scripts/gpu_check.sh installs on a lent GPU machine, which cannot download (pinned versions)
+gpu-wheels: install
+	$(BIN)/pip download -q --no-deps -d .gpu_wheels $$(grep -E '^(hydra-core|omegaconf|antlr4-python3-runtime|torch-pruning)==' constraints.txt)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -4,6 +4,7 @@
     python scripts/bench.py --out bench.json             # full: more repeats, ResNet-50 training too
     python scripts/bench.py --device cuda --amp bf16 --compile    # on a GPU: bf16 autocast, torch.compile
     python scripts/bench.py --only latency --latency-target 0.5 --out bench_latency.json   # issue 18 alone
+    python scripts/bench.py --only nm --device cuda --out bench_nm.json   # 2:4 semi-structured kernels vs dense (GPU)
 
 Every figure is a ratio against a baseline measured in the same process, from medians over
 interleaved repeats (dense, masked, dense, masked, ...), so slow drift of the machine cancels.
@@ -25,6 +26,7 @@ import torchvision
 
 from prune_lab.bench.deployment import realized_speedup
 from prune_lab.bench.latency_target import latency_target_speedup
+from prune_lab.bench.semi_structured import semi_structured_speedup
 from prune_lab.bench.training import (channels_last_gain, peak_memory, stp_search_cost, train_overhead,
                                       unipts_search_cost, update_cost)
 from prune_lab.models import create_model
@@ -41,7 +43,8 @@ def main() -> int:
     ap.add_argument("--amp", choices=("none", "bf16"), default="none", help="autocast for the training steps")
     ap.add_argument("--compile", action="store_true", help="torch.compile the forward of both models timed in training")
     ap.add_argument("--size", type=int, default=224, help="ResNet-50 input size of the speed-up benchmarks")
-    ap.add_argument("--only", choices=("latency",), help="run only this section (latency: the latency-target one)")
+    ap.add_argument("--only", choices=("latency", "nm"), help="run only this section (latency: the latency-target "
+                    "one; nm: 2:4 through PyTorch's semi-structured sparse kernels, CUDA only)")
     lat = ap.add_argument_group("latency target (issue 18): ResNet-50 pruned to a measured latency budget, "
                                 "batch 1 and 16, served on CPU, against torch-pruning's uniform at equal latency")
     lat.add_argument("--latency-target", type=float, help="fraction of the dense latency to remove (default with "
@@ -77,6 +80,14 @@ def main() -> int:
             cache_dir=None if args.table_cache == "none" else args.table_cache, round_to=args.latency_round_to,
             tolerance=args.latency_tolerance, rounds=args.latency_rounds, repeats=9 if quick else 21,
             noise_k=args.noise_k)
+    if args.only != "latency":
+        res["semi_structured_2_4"] = semi_structured_speedup(device, repeats=20 if quick else 50)
+    if args.only == "nm":
+        res["wall_s"] = time.time() - t_start
+        args.out.write_text(json.dumps(res, indent=2))
+        print_nm(res["semi_structured_2_4"])
+        print(f"wrote {args.out} in {res['wall_s']:.0f} s")
+        return 0
     if args.only == "latency":
         res["wall_s"] = time.time() - t_start
         args.out.write_text(json.dumps(res, indent=2))
@@ -122,7 +133,17 @@ def main() -> int:
     res["wall_s"] = time.time() - t_start
     args.out.write_text(json.dumps(res, indent=2))
     print_table(res, args.out)
+    print_nm(res["semi_structured_2_4"])
     return 0
+
+
+def print_nm(nm: dict) -> None:
+    if not nm["supported"]:
+        print(f"2:4 semi-structured kernels: not timed — {nm['reason']}")
+        return
+    for c in nm["cases"]:
+        print(f"2:4 {c['name']} ({c['dtype']}): dense {c['dense_ms']:.3f} ms, 2:4 {c['sparse_ms']:.3f} ms, "
+              f"{c['speedup']:.2f}x (max |diff| {c['max_abs_diff']:.3g} of {c['ref_max_abs']:.3g})")
 
 
 def print_table(res: dict, out: Path) -> None:

@@ -80,3 +80,14 @@ def test_bench_quick_writes_the_contract_keys(tmp_path):
     assert res["update_cost_fraction"] == res["update_cost"][res["update_cost"]["worst"]]["fraction"]
     assert res["wall_s"] < 300
     assert "ResNet-50" in proc.stdout
+
+
+def test_nm_section_says_plainly_that_cpu_has_no_2_4_kernel(tmp_path):
+    """`--only nm` on CPU times nothing and records why (the GPU path runs only when a GPU is lent)."""
+    out = tmp_path / "nm.json"
+    proc = subprocess.run([sys.executable, "scripts/bench.py", "--only", "nm", "--device", "cpu", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    nm = json.loads(out.read_text())["semi_structured_2_4"]
+    assert nm["supported"] is False and "CUDA" in nm["reason"] and "no speed-up" in nm["reason"]
+    assert "not timed" in proc.stdout
