@@ -50,10 +50,9 @@ class GrowLoss(L.Callback):
         if not self.batches:
             return
         p, t = self.policy, trainer.global_step
-        keep = None if p.keep is None else {k: v.clone() for k, v in p.keep.items()}
         if self.prev is not None and t > 0 and t % p.cycle == 0 and t // p.cycle <= p.n:  # a grow just happened
             params = dict(pl_module.model.named_parameters())
-            grown = {n: keep[n] & ~self.prev[n] for n in keep}
+            grown = {n: p.keep[n] & ~self.prev[n] for n in p.keep}
             values = {n: params[n].detach().clone() for n in grown}
             with_values = self._loss(pl_module.model)
             with torch.no_grad():
@@ -64,7 +63,8 @@ class GrowLoss(L.Callback):
                 for n, v in values.items():
                     params[n].copy_(v)
             self.rows.append((t, with_values, at_zero))
-        self.prev = keep
+        if (t + 1) % p.cycle == 0 and p.keep is not None:  # the step before a grow: Θ_K as the grow finds it
+            self.prev = {k: v.clone() for k, v in p.keep.items()}
 
     def report(self) -> dict:
         if not self.rows:
