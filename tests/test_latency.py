@@ -257,15 +257,17 @@ def test_latency_run_records_table_measurement_and_exported_model(tmp_path, dens
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
     from test_pipeline import run_fast
 
-    res, out = run_fast(tmp_path, dense_dir, "method=l1_filter", "method.target=latency", "budget=0.2",
+    # 0.1, not more: on this 8x8 model fixed overhead caps the reachable reduction near 0.19 when
+    # the machine is loaded (a clean-clone run beside another test process measured 0.189)
+    res, out = run_fast(tmp_path, dense_dir, "method=l1_filter", "method.target=latency", "budget=0.1",
                         f"latency.table_cache={tmp_path / 'tables'}", "latency.repeats=5")
     assert res["target"] == "latency" and (out / "latency_plan.json").exists()
     plan = res["latency_plan"]
-    assert 1 <= len(plan["rounds"]) <= 3 and plan["rounds"][0]["asked"] == 0.2
+    assert 1 <= len(plan["rounds"]) <= 3 and plan["rounds"][0]["asked"] == 0.1
     assert plan["predicted_reduction"] >= 0.0 and plan["table"]["signatures"] > 0
     lat = res["latency"]
     achieved = 1 - lat["pruned_min_ms"] / lat["dense_min_ms"]
-    assert res["budget_met"] == (abs(achieved - 0.2) <= 0.04)
+    assert res["budget_met"] == (abs(achieved - 0.1) <= 0.04)
     assert set(lat["exported"]) >= {"dense_ms", "pruned_ms", "reduction"}
     # model.pt2 and dense.pt2 are served as measured: conv weights stay channels-last through
     # export and load (latency.channels_last=true), so a plain NCHW call runs the measured kernels
@@ -299,7 +301,7 @@ def test_latency_run_records_table_measurement_and_exported_model(tmp_path, dens
     assert probe.returncode == 0 and "2 reductions" in probe.stdout, probe.stderr
     probe = subprocess.run([sys.executable, str(root / "scripts" / "latency_noise.py"), str(job), "--processes", "1",
                             "--rounds", "2", "--exported"], capture_output=True, text=True, timeout=300)
-    assert probe.returncode == 0 and "2 reductions" in probe.stdout and "budget: 0.2 (latency)" in probe.stdout, \
+    assert probe.returncode == 0 and "2 reductions" in probe.stdout and "budget: 0.1 (latency)" in probe.stdout, \
         probe.stderr
     bad = subprocess.run([sys.executable, str(root / "scripts" / "latency_noise.py"), str(tmp_path)],
                          capture_output=True, text=True, timeout=60)
