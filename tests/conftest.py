@@ -17,6 +17,8 @@ FAST = ["experiment=quickstart", "data.image_size=8", "epochs=2", "dense.epochs=
 
 
 def compose_cfg(overrides: list[str], out_dir: Path, dense_dir: Path):
+    if "method=unipts" in overrides and not any(o.startswith("method.search_cache=") for o in overrides):
+        overrides = [*overrides, "method.search_cache=null"]  # the default lives in the repo's outputs/
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return compose(config_name="train", overrides=[*overrides, f"paths.output_dir={out_dir}",
                                                         f"paths.root_dir={ROOT}", f"paths.dense_dir={dense_dir}"])

@@ -124,8 +124,8 @@ FAMILIES = {
     "rigl": (["method=rigl", "budget=0.9", "epochs=3", "method.every=5"], False),
     "iee": (["method=iee", "budget=0.9", "epochs=3", "method.estimate_steps=3", "method.improve_steps=3",
              "method.explore_steps=3"], False),
-    "unipts": (["method=unipts", "budget=0.8", "epochs=2", "method.population=6", "method.generations=4",
-                "method.parents=3"], False),
+    "unipts": (["method=unipts", "method.search_cache=null", "budget=0.8", "epochs=2", "method.population=6",
+                "method.generations=4", "method.parents=3"], False),
     "stp": (["method=stp", "budget=0.5", "epochs=3", *(f"method.callbacks.stp.{k}" for k in (
         "pool_size=200", "search_population=12", "search_generations=4", "search_parents=4", "bn_images=256"))],
         False),

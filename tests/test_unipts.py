@@ -300,6 +300,41 @@ def test_post_training_methods_run_end_to_end(method, overrides, tmp_path, dense
         assert on_disk["search"]["validation"] == search["validation"]
 
 
+def test_a_run_that_reuses_a_cached_search_equals_one_that_searched(tmp_path, dense_dir):
+    """An ablation that changes only what follows the search (kd) reads the allocation another run
+    searched; the run is bit-identical to the same ablation searching for itself."""
+    cache = f"method.search_cache={tmp_path / 'cache'}"
+    run_fast(tmp_path, dense_dir, "method=unipts", "budget=0.9", *TINY_GA, cache, name="first")
+    run_fast(tmp_path, dense_dir, "method=unipts", "budget=0.9", *TINY_GA, cache, "method.kd=plain_matched",
+             name="reused")
+    run_fast(tmp_path, dense_dir, "method=unipts", "budget=0.9", *TINY_GA, "method.kd=plain_matched", name="own")
+    first, reused, own = (json.loads((tmp_path / r / "search.json").read_text()) for r in ("first", "reused", "own"))
+    assert first["cache"]["hit"] is False and reused["cache"] == {**first["cache"], "hit": True,
+                                                                  "from": str(tmp_path / "first")}
+    assert "cache" not in own
+    assert reused["layers"] == own["layers"] and reused["history"] == own["history"]
+    assert reused["calibration"] == own["calibration"] and reused["validation"] == own["validation"]
+    wa, wb = (load_file(str(tmp_path / r / "model.safetensors")) for r in ("reused", "own"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    a, b = (json.loads((tmp_path / r / "results.json").read_text()) for r in ("reused", "own"))
+    assert a["pruned"] == b["pruned"]
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 1
+
+
+def test_search_key_changes_with_weights_batches_and_settings():
+    from prune_lab.callbacks.search import search_key
+
+    model = resnet8()
+    batches = [(torch.randn(4, 1, 8, 8), torch.arange(4))]
+    key = search_key(model, batches, {"seed": 0})
+    assert search_key(copy.deepcopy(model), [(x.clone(), y.clone()) for x, y in batches], {"seed": 0}) == key
+    assert search_key(model, batches, {"seed": 1}) != key
+    assert search_key(model, [(batches[0][0] + 1e-6, batches[0][1])], {"seed": 0}) != key
+    changed = copy.deepcopy(model)
+    next(b for n, b in changed.named_buffers() if n.endswith("running_var")).mul_(2)
+    assert search_key(changed, batches, {"seed": 0}) != key
+
+
 @pytest.mark.parametrize("override,message", [("method.kd=bogus", "kd"), ("method.dst=maybe", "dst"),
                                               ("data.calibration_size=-5", "calibration_size=-5")])
 def test_bad_unipts_values_fail_before_training(override, message, tmp_path, dense_dir):

@@ -12,8 +12,10 @@ the dense weights underneath its masks, and fixed-mask training applies them its
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -151,12 +153,19 @@ class LayerSparsitySearch(L.Callback):
         val_samples: validation samples on which the searched and the uniform allocation are also
             scored (BN re-estimated on the calibration set as in the search), to show whether the
             search generalises beyond the images it fitted (None: the whole validation split; 0: skip).
+        cache_dir: where searched allocations are kept, keyed by a hash of everything the search's
+            result depends on (`search_key`): the model's weights and buffers, the calibration
+            batches, the searcher's and the fitness's settings, torch version, device, CPU ISA and
+            thread count. Ablations that change only what happens after the search (UniPTS's
+            kd=..., dst=false) then reuse one search instead of repeating it; the search draws
+            from its own generators only, so a run that reads the cache equals one that searched.
+            None: no cache. Not used under DDP (every rank searches its own shard).
     """
 
     def __init__(self, budget: float, searcher=None, enabled: bool = True, samples: int | None = None,
                  batch_size: int | None = None, noise_std: float = 1e-6, bn_momentum: float | None = None,
                  seed: int = 0, stack: int = 1, channels_last: bool = True, eval_batch_size: int | None = 1024,
-                 val_samples: int | None = None):
+                 val_samples: int | None = None, cache_dir: str | None = None):
         if not isinstance(enabled, bool):
             raise PruneLabError(f"method.search={enabled!r} is not a boolean; choose one of: true, false")
         if enabled and searcher is None:
@@ -172,6 +181,7 @@ class LayerSparsitySearch(L.Callback):
         self.noise_std, self.bn_momentum, self.seed = float(noise_std), bn_momentum, int(seed)
         self.stack, self.channels_last, self.eval_batch_size = int(stack or 1), bool(channels_last), eval_batch_size
         self.val_samples = val_samples
+        self.cache_dir = Path(cache_dir) if cache_dir else None
         self.done = False
         self.record: dict = {}
 
@@ -201,10 +211,11 @@ class LayerSparsitySearch(L.Callback):
                                     self.eval_batch_size)
         uniform = exact_counts({n: self.budget for n in numel}, numel, round(self.budget * sum(numel.values())))
         if self.enabled:
-            best, record = self._run_searcher(numel, fitness)
+            best, record = self._cached_search(trainer, pl_module.model, numel, fitness, t0)
+            t_search = record["search_wall_s"]
         else:
             best, record = uniform, {"searcher": None}
-        t_search = time.time() - t0
+            t_search = time.time() - t0
         calib = fitness.many([best, uniform])
         record.update({"budget": self.budget, "enabled": self.enabled, "search_wall_s": t_search,
                        "best_fitness": record.get("best_fitness", calib[0]), "uniform_fitness": calib[1],
@@ -242,8 +253,42 @@ class LayerSparsitySearch(L.Callback):
     def report(self) -> dict:
         """results.json["search"]: the allocation's accuracies without the per-generation history."""
         keep = ("enabled", "budget", "evaluations", "search_wall_s", "wall_s", "calibration_samples", "calibration",
-                "validation", "population", "generations")
+                "validation", "population", "generations", "cache")
         return {"search": {k: self.record[k] for k in keep if k in self.record}} if self.record else {}
+
+    def _cached_search(self, trainer, model, numel, fitness, t0):
+        """The searcher's (best allocation, record), from the cache when an identical search ran before.
+        `record["search_wall_s"]` is the search's own time (the original run's on a hit)."""
+        use = self.cache_dir is not None and trainer.world_size == 1
+        key = None
+        if use:
+            key = search_key(model, fitness.batches, self._settings(numel, fitness))
+            path = self.cache_dir / f"{key}.json"
+            if path.exists():
+                hit = json.loads(path.read_text())
+                record = {**hit["record"], "cache": {"hit": True, "key": key, "from": hit["run"]}}
+                log.info("layer-sparsity search: reusing the search of %s (cache %s)", hit["run"], path)
+                return {n: int(v) for n, v in hit["best"].items()}, record
+        best, record = self._run_searcher(numel, fitness)
+        record["search_wall_s"] = time.time() - t0
+        if use:
+            record["cache"] = {"hit": False, "key": key}
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")  # two study jobs may finish the same search
+            tmp.write_text(json.dumps({"best": best, "record": record, "run": str(trainer.default_root_dir)}))
+            tmp.replace(path)
+        return best, record
+
+    def _settings(self, numel, fitness) -> dict:
+        from prune_lab.sparsity.latency import cpu_isa  # the same ISA probe the latency tables are keyed by
+
+        searcher = self.searcher
+        return {"searcher": f"{type(searcher).__module__}.{type(searcher).__qualname__}",
+                "hparams": getattr(searcher, "hparams", dict)(), "numel": numel, "budget": self.budget,
+                "noise_std": self.noise_std, "bn_momentum": self.bn_momentum, "seed": self.seed,
+                "stack": self.stack, "channels_last": self.channels_last, "eval_batch_size": self.eval_batch_size,
+                "torch": torch.__version__, "device": str(fitness.dense[next(iter(numel))].device.type),
+                "isa": cpu_isa(), "threads": torch.get_num_threads()}
 
     def _run_searcher(self, numel, fitness):
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -262,6 +307,19 @@ class LayerSparsitySearch(L.Callback):
                 return fits
 
             return self.searcher.search(numel, self.budget, evaluate)
+
+
+def search_key(model: torch.nn.Module, batches, settings: dict) -> str:
+    """A hash of the model's state (every parameter and buffer: names, dtypes, shapes, bytes), the
+    batches and `settings` (JSON). Written by hand: hashing tensors is a few lines of hashlib."""
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    tensors = [(f"state.{n}", t) for n, t in model.state_dict().items()]
+    tensors += [(f"batch{i}.{j}", t) for i, pair in enumerate(batches) for j, t in enumerate(pair)]
+    for name, t in tensors:
+        t = t.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}:{t.dtype}:{t.numel()};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:32]
 
 
 def plot_search(record: dict, path: Path) -> None:
