@@ -321,6 +321,45 @@ def test_a_run_that_reuses_a_cached_search_equals_one_that_searched(tmp_path, de
     assert len(list((tmp_path / "cache").glob("*.json"))) == 1
 
 
+def test_runs_that_need_the_same_search_at_once_search_it_once(tmp_path):
+    """Two study jobs starting the same search together: one searches, the other waits and reads it."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from prune_lab.callbacks import LayerSparsitySearch
+
+    calls = []
+
+    class SlowSearcher:
+        def hparams(self):
+            return {"kind": "slow"}
+
+        def search(self, numel, budget, evaluate):
+            calls.append(threading.get_ident())
+            time.sleep(0.5)
+            return {n: k // 2 for n, k in numel.items()}, {"evaluations": 1}
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3))
+    batches = [(torch.randn(8, 1, 6, 6), torch.randint(0, 3, (8,)))]
+    numel = {"0.weight": 36, "4.weight": 192}
+    results = []
+
+    def one(name):
+        search = LayerSparsitySearch(0.5, SlowSearcher(), cache_dir=str(tmp_path / "cache"))
+        trainer = SimpleNamespace(world_size=1, default_root_dir=str(tmp_path / name))
+        results.append(search._cached_search(trainer, model, numel, AllocationFitness(model, list(numel), batches),
+                                             time.time()))
+
+    threads = [threading.Thread(target=one, args=(n,)) for n in ("a", "b")]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert len(calls) == 1
+    assert results[0][0] == results[1][0] == {"0.weight": 18, "4.weight": 96}
+    assert sorted(r[1]["cache"]["hit"] for r in results) == [False, True]
+
+
 def test_search_key_changes_with_weights_batches_and_settings():
     from prune_lab.callbacks.search import search_key
 

@@ -12,6 +12,7 @@ the dense weights underneath its masks, and fixed-mask training applies them its
 from __future__ import annotations
 
 import copy
+import fcntl
 import hashlib
 import json
 import logging
@@ -259,22 +260,23 @@ class LayerSparsitySearch(L.Callback):
     def _cached_search(self, trainer, model, numel, fitness, t0):
         """The searcher's (best allocation, record), from the cache when an identical search ran before.
         `record["search_wall_s"]` is the search's own time (the original run's on a hit)."""
-        use = self.cache_dir is not None and trainer.world_size == 1
-        key = None
-        if use:
-            key = search_key(model, fitness.batches, self._settings(numel, fitness))
-            path = self.cache_dir / f"{key}.json"
+        if self.cache_dir is None or trainer.world_size > 1:
+            best, record = self._run_searcher(numel, fitness)
+            return best, {**record, "search_wall_s": time.time() - t0}
+        key = search_key(model, fitness.batches, self._settings(numel, fitness))
+        path = self.cache_dir / f"{key}.json"
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        # a run that needs the search another process is running waits for it instead of repeating it
+        with open(path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
             if path.exists():
                 hit = json.loads(path.read_text())
                 record = {**hit["record"], "cache": {"hit": True, "key": key, "from": hit["run"]}}
                 log.info("layer-sparsity search: reusing the search of %s (cache %s)", hit["run"], path)
                 return {n: int(v) for n, v in hit["best"].items()}, record
-        best, record = self._run_searcher(numel, fitness)
-        record["search_wall_s"] = time.time() - t0
-        if use:
-            record["cache"] = {"hit": False, "key": key}
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")  # two study jobs may finish the same search
+            best, record = self._run_searcher(numel, fitness)
+            record.update(search_wall_s=time.time() - t0, cache={"hit": False, "key": key})
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
             tmp.write_text(json.dumps({"best": best, "record": record, "run": str(trainer.default_root_dir)}))
             tmp.replace(path)
         return best, record
