@@ -316,10 +316,12 @@ def write_report(study: Study, rows: list[dict], report: Path) -> list[dict]:
     lines += ["", f"Dense reference top-1: {_mean_std(list(dense.values()), 100)} % over seeds "
                   f"{sorted(dense)}. Mean ± std over seeds.", ""]
     # carried rows (an earlier session's jobs) pair with fresh ones only if the dense reference is the same
+    mixed = False
     for budget in study.budgets:
         for seed in study.seeds:
             refs = {r["dense_top1"] for r in rows if r["seed"] == seed and r["budget"] == budget and r["dense_top1"] == r["dense_top1"]}
             if len(refs) > 1:
+                mixed = True
                 lines += [f"Warning: at budget {budget:g} the rows of seed {seed} have different dense references "
                           f"(top-1 {', '.join(f'{100 * v:.2f}' for v in sorted(refs))} %): their pairing is not exact.", ""]
     if judged:
@@ -328,8 +330,10 @@ def write_report(study: Study, rows: list[dict], report: Path) -> list[dict]:
             lo, hi = v["ci95"]
             lines.append(f"| {v['claim']} | {v['n']} | {pct * v['mean']:+.2f} | "
                          f"[{pct * lo:+.2f}, {pct * hi:+.2f}] | **{v['verdict']}** |")
+        pairing = ("some seeds' rows come from different dense references, see the warnings above" if mixed
+                   else "each seed's variants share one dense reference")
         lines += ["", f"Differences of {study.metric}{' in points' if pct == 100 else ''}, paired by seed "
-                      "(each seed's variants share one dense reference); 95 % t-interval over seeds.", ""]
+                      f"({pairing}); 95 % t-interval over seeds.", ""]
     (report / "table.md").write_text("\n".join(lines))
     (report / "verdicts.json").write_text(json.dumps(judged, indent=2))
     if rows:

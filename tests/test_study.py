@@ -135,6 +135,8 @@ variants:
   B: [method=random]
 budgets: [0.8]
 seeds: [0, 1]
+claims:
+  - {a: A, b: B, op: ">"}
 """)
     study = load_study(str(path))
     report = tmp_path / "report"
@@ -167,8 +169,12 @@ seeds: [0, 1]
     path.write_text(path.read_text().replace("B: [method=random]", "B: [method=random, epochs=2]"))
     assert set(carried_rows(load_study(str(path)), report)) == {("A", 0.8, 0), ("A", 0.8, 1)}
     # a fresh row whose seed's dense reference differs from the carried ones' is flagged, not silently paired
+    write_report(study, rows, report)
+    assert "(each seed's variants share one dense reference)" in (report / "table.md").read_text()
     write_report(study, [*rows[:3], {**rows[3], "dense_top1": 0.91}], report)
-    assert "rows of seed 1 have different dense references" in (report / "table.md").read_text()
+    text = (report / "table.md").read_text()
+    assert "rows of seed 1 have different dense references" in text
+    assert "share one dense reference" not in text and "see the warnings above" in text
 
 
 def test_claim_at_a_budget_not_run():
