@@ -65,13 +65,16 @@ def curves(study, jobs, path: Path, key: str = "val/top1") -> int:
     budgets = sorted({b for b, _ in found})
     fig, axes = plt.subplots(1, len(budgets), figsize=(6.5 * len(budgets), 4.5), squeeze=False)
     for ax, budget in zip(axes[0], budgets):
-        for variant in study.variants:
+        for i, variant in enumerate(study.variants):
             runs = found.get((budget, variant))
             if not runs:
                 continue
             epochs = sorted(set.intersection(*(set(c) for c in runs)))
+            # colour by the variant's position in the study (the same in every panel); past the ten
+            # colours of the cycle the line style changes, so no two variants look alike
             ax.plot([e + 1 for e in epochs], [100 * statistics.fmean(c[e] for c in runs) for e in epochs],
-                    marker=".", label=f"{variant} ({len(runs)})")
+                    marker=".", color=f"C{i % 10}", linestyle=("-", "--", ":")[i // 10 % 3],
+                    label=f"{variant} ({len(runs)})")
         ax.set_title(f"budget {budget:g}: {key}, mean over (n) seeds")
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
