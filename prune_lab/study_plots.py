@@ -46,35 +46,52 @@ def read_curve(job_dir: Path, key: str = "val/top1") -> dict[int, float]:
         return {int(r["epoch"]): float(r[key]) for r in csv.DictReader(f) if r.get(key)}
 
 
+def mean_curves(study, jobs, key: str = "val/top1") -> dict[tuple[float, str], tuple[int, dict[int, float]]]:
+    """(budget, variant) -> (runs, {epoch: mean of `key` over them}), in the study's variant order,
+    from the finished jobs whose folders exist (rows carried from another machine have no curve)."""
+    found: dict = {}
+    for job in jobs:
+        curve = read_curve(job.directory, key) if job.done else {}
+        if curve:
+            found.setdefault((job.budget, job.variant), []).append(curve)
+    out = {}
+    for budget in sorted({b for b, _ in found}):
+        for variant in study.variants:
+            runs = found.get((budget, variant))
+            if runs:
+                epochs = sorted(set.intersection(*(set(c) for c in runs)))
+                out[(budget, variant)] = (len(runs), {e: statistics.fmean(c[e] for c in runs) for e in epochs})
+    return out
+
+
 def curves(study, jobs, path: Path, key: str = "val/top1") -> int:
-    """Mean over seeds of `key` per epoch, one line per variant, one panel per budget, from the
-    finished jobs whose folders exist (rows carried from another machine have no curve).
-    Returns the number of runs drawn (0: nothing written)."""
+    """Mean over seeds of `key` per epoch, one line per variant, one panel per budget: `path` (png)
+    and the same numbers in `path` with suffix .csv (budget, variant, runs, epoch counted from 1,
+    mean). Returns the number of runs drawn (0: nothing written)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    found = {}
-    for job in jobs:
-        curve = read_curve(job.directory, key) if job.done else {}
-        if curve:
-            found.setdefault((job.budget, job.variant), []).append(curve)
-    if not found:
+    means = mean_curves(study, jobs, key)
+    if not means:
         return 0
-    budgets = sorted({b for b, _ in found})
+    with open(path.with_suffix(".csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["budget", "variant", "runs", "epoch", key])
+        w.writerows([b, v, n, e + 1, round(m, 6)] for (b, v), (n, curve) in means.items() for e, m in curve.items())
+    budgets = sorted({b for b, _ in means})
     fig, axes = plt.subplots(1, len(budgets), figsize=(6.5 * len(budgets), 4.5), squeeze=False)
     for ax, budget in zip(axes[0], budgets):
         for i, variant in enumerate(study.variants):
-            runs = found.get((budget, variant))
-            if not runs:
+            if (budget, variant) not in means:
                 continue
-            epochs = sorted(set.intersection(*(set(c) for c in runs)))
+            runs, curve = means[(budget, variant)]
             # colour by the variant's position in the study (the same in every panel); past the ten
             # colours of the cycle the line style changes, so no two variants look alike
-            ax.plot([e + 1 for e in epochs], [100 * statistics.fmean(c[e] for c in runs) for e in epochs],
+            ax.plot([e + 1 for e in curve], [100 * m for m in curve.values()],
                     marker=".", color=f"C{i % 10}", linestyle=("-", "--", ":")[i // 10 % 3],
-                    label=f"{variant} ({len(runs)})")
+                    label=f"{variant} ({runs})")
         ax.set_title(f"budget {budget:g}: {key}, mean over (n) seeds")
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
@@ -82,4 +99,4 @@ def curves(study, jobs, path: Path, key: str = "val/top1") -> int:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return sum(len(v) for v in found.values())
+    return sum(n for n, _ in means.values())

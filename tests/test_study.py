@@ -234,6 +234,10 @@ def test_curves_average_the_logged_validation_accuracy_over_seeds(tmp_path):
         (job.directory / "csv" / "metrics.csv").write_text("\n".join(lines))
     assert read_curve(jobs[0].directory) == {0: 0.5, 1: 0.6, 2: 0.7}  # seed 0, variant A
     assert curves(study, jobs, tmp_path / "curves.png") == 3 and (tmp_path / "curves.png").stat().st_size > 0
+    # the drawn means, in curves.csv: variant A averages seeds 0 and 1, B has seed 0 only
+    with open(tmp_path / "curves.csv") as f:
+        table = {(r["variant"], int(r["epoch"])): (int(r["runs"]), float(r["val/top1"])) for r in csv.DictReader(f)}
+    assert table[("A", 3)] == (2, pytest.approx(0.705)) and table[("B", 1)] == (1, pytest.approx(0.5))
     assert curves(study, [], tmp_path / "none.png") == 0 and not (tmp_path / "none.png").exists()
 
 

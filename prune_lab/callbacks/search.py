@@ -25,6 +25,7 @@ import torch
 
 from prune_lab.errors import PruneLabError
 from prune_lab.sparsity import calibration_batches, exact_counts, masks_from_counts, recalibrate_bn
+from prune_lab.sparsity.latency import cpu_isa  # the same ISA probe the latency tables are keyed by
 from prune_lab.sparsity.stacked import StackingUnsupported, stack_network
 
 log = logging.getLogger("prune_lab")
@@ -282,8 +283,6 @@ class LayerSparsitySearch(L.Callback):
         return best, record
 
     def _settings(self, numel, fitness) -> dict:
-        from prune_lab.sparsity.latency import cpu_isa  # the same ISA probe the latency tables are keyed by
-
         searcher = self.searcher
         return {"searcher": f"{type(searcher).__module__}.{type(searcher).__qualname__}",
                 "hparams": getattr(searcher, "hparams", dict)(), "numel": numel, "budget": self.budget,
