@@ -356,12 +356,16 @@ def run_jobs(jobs: list[Job], workers: int, threads: int, python: str, progress=
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
+    from prune_lab import quiet
+
     todo = [j for j in jobs if not j.done]
     leaders: dict[int, Job] = {}
     for j in todo:
         leaders.setdefault(j.seed, j)
     ready = {s: threading.Event() for s in leaders}
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+    # one lock for every study on this machine: a job measuring latency pauses the others' batches
+    env.setdefault(quiet.ENV, str(ROOT / "outputs" / "quiet.lock"))
     failed: list[tuple[Job, int]] = []
 
     def one(job: Job) -> None:

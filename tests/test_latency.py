@@ -267,7 +267,7 @@ def test_latency_run_records_table_measurement_and_exported_model(tmp_path, dens
     assert plan["predicted_reduction"] >= 0.0 and plan["table"]["signatures"] > 0
     lat = res["latency"]
     achieved = 1 - lat["pruned_min_ms"] / lat["dense_min_ms"]
-    assert res["budget_met"] == (abs(achieved - 0.1) <= 0.04)
+    assert res["budget_met"] == (achieved >= 0.1 - 0.04)  # a ceiling on latency: removing more meets it
     assert set(lat["exported"]) >= {"dense_ms", "pruned_ms", "reduction"}
     # model.pt2 and dense.pt2 are served as measured: conv weights stay channels-last through
     # export and load (latency.channels_last=true), so a plain NCHW call runs the measured kernels

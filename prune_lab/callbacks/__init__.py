@@ -4,6 +4,7 @@ from prune_lab.callbacks.cost import TrainCost
 from prune_lab.callbacks.distillation import Distillation
 from prune_lab.callbacks.post_training import LayerwiseReconstruction, OneShotMagnitude, RecalibrateBN
 from prune_lab.callbacks.pruning import BNScalePenalty, MaskUpdate
+from prune_lab.callbacks.quiet_steps import QuietSteps
 from prune_lab.callbacks.regrowth import Regrowth
 from prune_lab.callbacks.reparam import DynamicSparsity, LinearExpansion
 from prune_lab.callbacks.rng import RNGState
@@ -11,4 +12,4 @@ from prune_lab.callbacks.search import LayerSparsitySearch
 
 __all__ = ["BNScalePenalty", "Distillation", "DynamicSparsity", "LayerSparsitySearch", "LayerwiseReconstruction",
            "LinearExpansion", "MaskUpdate", "OneShotMagnitude", "RNGState", "RecalibrateBN", "Regrowth",
-           "ResumableCheckpoint", "TrainCost"]
+           "QuietSteps", "ResumableCheckpoint", "TrainCost"]

@@ -23,6 +23,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from prune_lab import quiet
 from prune_lab.errors import PruneLabError
 from prune_lab.sparsity import calibration_batches, exact_counts, masks_from_counts, recalibrate_bn
 from prune_lab.sparsity.latency import cpu_isa  # the same ISA probe the latency tables are keyed by
@@ -96,6 +97,10 @@ class AllocationFitness:
 
     @torch.no_grad()
     def _pass(self, allocations: list[dict[str, int]], eval_batches) -> list[float]:
+        with quiet.working():  # a fitness pass is a batch of work: latency measurements elsewhere wait for it
+            return self._score(allocations, eval_batches)
+
+    def _score(self, allocations: list[dict[str, int]], eval_batches) -> list[float]:
         net = self._network(len(allocations))
         count = len(allocations)
         params = dict(net.named_parameters())

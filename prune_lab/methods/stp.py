@@ -37,6 +37,7 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from omegaconf import DictConfig, OmegaConf
 
+from prune_lab import quiet
 from prune_lab.data.heldout import stratified_slice
 from prune_lab.errors import PruneLabError
 from prune_lab.methods.stp_budget import check_latency_reachable, latency_record, uniform_width_plan
@@ -246,7 +247,7 @@ class StimulativeTraining(L.Callback):
         def fitness(arch: Arch) -> float:
             if arch not in cache:
                 model.train()
-                with torch.no_grad(), frozen_bn_stats(model), self.space.activate(arch):
+                with torch.no_grad(), frozen_bn_stats(model), self.space.activate(arch), quiet.working():
                     cache[arch] = float(subnet_kl(model(x), full))
                 model.train(was_training)
             return cache[arch]

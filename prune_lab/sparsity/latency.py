@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from prune_lab import quiet
 from prune_lab.errors import PruneLabError
 from prune_lab.sparsity.measure import observe_forward
 from prune_lab.sparsity.structure import ROOT_TYPES, ChannelGroups, FlopsModel, _is_depthwise, solve_flops_target
@@ -94,20 +95,21 @@ def time_layer(sig: dict, cin: int, cout: int, batch: int, channels_last: bool, 
         layer, x = nn.Linear(cin, cout, bias=bias), torch.randn(batch, *sig["extra"], cin)
     layer, x = layer.eval().to(device), x.to(device)
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-    layer(x)
-    sync()
-    t0 = time.perf_counter()
-    layer(x)
-    sync()
-    inner = max(1, min(1000, math.ceil(2e-4 / max(time.perf_counter() - t0, 1e-7))))
-    times = []
-    for _ in range(repeats):
+    with quiet.measuring():  # other jobs sharing the quiet lock pause their batches meanwhile
+        layer(x)
         sync()
         t0 = time.perf_counter()
-        for _ in range(inner):
-            layer(x)
+        layer(x)
         sync()
-        times.append((time.perf_counter() - t0) * 1e3 / inner)
+        inner = max(1, min(1000, math.ceil(2e-4 / max(time.perf_counter() - t0, 1e-7))))
+        times = []
+        for _ in range(repeats):
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                layer(x)
+            sync()
+            times.append((time.perf_counter() - t0) * 1e3 / inner)
     return min(times)  # interference only ever adds time: the minimum is the layer's own cost
 
 

@@ -15,6 +15,7 @@ from torch import nn
 from torch.fx.experimental.optimization import fuse as fx_fuse
 from torch.utils.flop_counter import FlopCounterMode
 
+from prune_lab import quiet
 from prune_lab.sparsity.masks import PRUNABLE_TYPES
 
 log = logging.getLogger(__name__)
@@ -107,18 +108,19 @@ def interleaved_latency_ms(models: dict[str, nn.Module], x: torch.Tensor, warmup
     """Wall times (ms) of one forward of each model on `x`, `repeats` rounds, the models taking
     turns within a round (in alternating order), so that drift of the machine hits all alike."""
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-    for m in models.values():
-        for _ in range(warmup):
-            m(x)
     names = list(models)
     times: dict[str, list[float]] = {k: [] for k in names}
-    for r in range(repeats):
-        for k in (names if r % 2 == 0 else names[::-1]):
-            sync()
-            t0 = time.perf_counter()
-            models[k](x)
-            sync()
-            times[k].append((time.perf_counter() - t0) * 1e3)
+    with quiet.measuring():  # other jobs sharing the quiet lock pause their batches meanwhile
+        for m in models.values():
+            for _ in range(warmup):
+                m(x)
+        for r in range(repeats):
+            for k in (names if r % 2 == 0 else names[::-1]):
+                sync()
+                t0 = time.perf_counter()
+                models[k](x)
+                sync()
+                times[k].append((time.perf_counter() - t0) * 1e3)
     return times
 
 
