@@ -108,6 +108,10 @@ def masks_of(run: Path) -> dict[str, torch.Tensor]:
 
 def assert_same_run(ref: Path, other: Path) -> None:
     a, b = (json.loads((r / "results.json").read_text()) for r in (ref, other))
+    assert a.keys() == b.keys()  # a resumed run reports what its method did before the kill (e.g. its search)
+    if "search" in a:
+        untimed = [{k: v for k, v in r["search"].items() if not k.endswith("wall_s")} for r in (a, b)]
+        assert untimed[0] == untimed[1]
     for group, key in METRICS:
         assert a[group][key] == b[group][key], f"{group}.{key}: {a[group][key]} != {b[group][key]}"
     wa, wb = load_file(str(ref / "model.safetensors")), load_file(str(other / "model.safetensors"))

@@ -407,3 +407,35 @@ def test_warmup_cosine_schedule():
         opt.step()
         sched.step()
     assert lrs[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0]) and lrs[5] == pytest.approx(1.0)
+
+
+def test_a_resumed_search_keeps_its_record_for_results_json(tmp_path):
+    """A run killed after its search and resumed from the checkpoint does not search again; its
+    results.json["search"] must still hold the search's summary (it did not, before the record
+    travelled in the checkpoint). Old checkpoints without it fall back to the run's search.json."""
+    from types import SimpleNamespace
+
+    from prune_lab.callbacks.search import LayerSparsitySearch
+
+    searched = LayerSparsitySearch(budget=0.9, enabled=False)
+    searched.done = True
+    searched.record = {"enabled": True, "budget": 0.9, "evaluations": 12, "wall_s": 3.0,
+                       "calibration": {"searched": 0.6, "uniform": 0.2},
+                       "validation": {"searched": 0.5, "uniform": 0.2, "samples": 100}}
+    state = torch.load(_roundtrip(searched.state_dict(), tmp_path), weights_only=True)
+    resumed = LayerSparsitySearch(budget=0.9, enabled=False)
+    resumed.load_state_dict(state)
+    resumed.on_fit_start(SimpleNamespace(default_root_dir=str(tmp_path / "none")), None)  # no search
+    assert resumed.report() == searched.report() and resumed.report()["search"]["calibration"]["searched"] == 0.6
+
+    old = LayerSparsitySearch(budget=0.9, enabled=False)
+    old.load_state_dict({"done": True, "wall_s": 3.0})  # a checkpoint from before
+    (tmp_path / "search.json").write_text(json.dumps(searched.record))
+    old.on_fit_start(SimpleNamespace(default_root_dir=str(tmp_path)), None)
+    assert old.report() == searched.report()
+
+
+def _roundtrip(state, tmp_path):
+    path = tmp_path / "state.pt"
+    torch.save(state, path)  # checkpoints are loaded with weights_only=True: the record must survive that
+    return path

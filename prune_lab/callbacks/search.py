@@ -193,10 +193,12 @@ class LayerSparsitySearch(L.Callback):
         self.record: dict = {}
 
     def state_dict(self):
-        return {"done": self.done, "wall_s": self.record.get("wall_s")}
+        # the record travels with the checkpoint, so a resumed run's results.json has its search too
+        return {"done": self.done, "wall_s": self.record.get("wall_s"), "record": self.record}
 
     def load_state_dict(self, state):
         self.done = bool(state["done"])
+        self.record = dict(state.get("record") or {})
 
     def _batches(self, trainer, device):
         loader = trainer.datamodule.train_dataloader()
@@ -208,6 +210,9 @@ class LayerSparsitySearch(L.Callback):
 
     def on_fit_start(self, trainer, pl_module):
         if self.done:  # resumed: the masks came with the checkpoint
+            saved = Path(trainer.default_root_dir) / "search.json"
+            if not self.record and saved.is_file():  # a checkpoint written before the record travelled with it
+                self.record = json.loads(saved.read_text())
             return
         t0 = time.time()
         masks, model = pl_module.masks, pl_module.model
