@@ -7,8 +7,9 @@ removed in-run and 0.62-0.71 when the same models were re-timed alone. With
 `PRUNE_LAB_QUIET_LOCK=<file>` in the environment (`scripts/study.py` sets it for its jobs), every
 latency measurement (`measuring()`: the per-layer latency table, the plan's correction rounds,
 results.json's latency) holds the file exclusively, and every training / validation / test batch
-and every UniPTS / STP search evaluation (`working()`; `prune_lab.callbacks.QuietSteps` in the runs) holds it shared: a measurement waits for
-the other jobs' current batches to end, and their next batches wait for it.
+and every UniPTS / STP search evaluation (`working()`; `prune_lab.callbacks.QuietSteps` in the
+runs) holds it shared: a measurement waits for the other jobs' current batches to end, and their
+next batches wait for it.
 
 Two flock(2) locks: a gate and the lock. A measurer takes the gate exclusively, then the lock
 exclusively; a worker passes the gate (shared, released at once) before it takes the lock shared,
@@ -96,24 +97,22 @@ def working():
 
 @contextlib.contextmanager
 def measuring():
-    """Hold the lock exclusively: no other process's batch runs until the block ends."""
-    if _s.path is None or _s.measuring:
-        _s.measuring += _s.path is not None
-        try:
-            yield
-        finally:
-            _s.measuring -= _s.path is not None
+    """Hold the lock exclusively: no other process's batch runs until the block ends (nested: once)."""
+    if _s.path is None:
+        yield
         return
-    resume = _s.working
-    end_work()  # our own shared hold would block our exclusive request
-    fcntl.flock(_s.gate, fcntl.LOCK_EX)
-    fcntl.flock(_s.lock, fcntl.LOCK_EX)
-    _s.measuring = 1
+    outermost, resume = _s.measuring == 0, _s.working
+    if outermost:
+        end_work()  # our own shared hold would block our exclusive request
+        fcntl.flock(_s.gate, fcntl.LOCK_EX)
+        fcntl.flock(_s.lock, fcntl.LOCK_EX)
+    _s.measuring += 1
     try:
         yield
     finally:
-        _s.measuring = 0
-        fcntl.flock(_s.lock, fcntl.LOCK_UN)
-        fcntl.flock(_s.gate, fcntl.LOCK_UN)
-        if resume:
-            begin_work()
+        _s.measuring -= 1
+        if outermost:
+            fcntl.flock(_s.lock, fcntl.LOCK_UN)
+            fcntl.flock(_s.gate, fcntl.LOCK_UN)
+            if resume:
+                begin_work()
