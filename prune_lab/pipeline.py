@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shutil
+import statistics
 import time
 import warnings
 from pathlib import Path
@@ -302,9 +303,16 @@ def run(cfg: DictConfig) -> dict:
     dense_ms, pruned_ms = lat["dense"], lat["pruned"]
     fastest = applied.pop("min_ms")
     target = cfg.method.target
-    # a latency budget is judged on each model's fastest round (other work on the machine only adds time)
+    # a latency budget is judged on each model's fastest round (other work on the machine only adds
+    # time), and on the median of latency.plan_measurements such paired calls, as the plan was
+    reductions = [1.0 - fastest["pruned"] / fastest["dense"]]
+    if target == "latency":
+        for _ in range(int(lat_cfg.get("plan_measurements", 3)) - 1):
+            more = latency_ms({"dense": dense_model, "pruned": final}, example.cpu(), lat_cfg.batch_size,
+                              lat_cfg.warmup, lat_cfg.repeats, cl, fold, bool(lat_cfg.get("compile", False)))[1]
+            reductions.append(1.0 - more["min_ms"]["pruned"] / more["min_ms"]["dense"])
     achieved = {"params": pruned["sparsity"], "flops": pruned["flops_reduction"],
-                "latency": 1.0 - fastest["pruned"] / fastest["dense"]}[target]
+                "latency": statistics.median(reductions)}[target]
     tol = {"params": 0.005, "flops": 0.02, "latency": float(lat_cfg.get("tolerance", 0.04))}[target]
     # a latency budget is a ceiling on latency (HALP's constraint): removing more than asked meets it
     met = achieved >= cfg.budget - tol if target == "latency" else abs(achieved - cfg.budget) <= tol
@@ -315,6 +323,7 @@ def run(cfg: DictConfig) -> dict:
                "dense_ms": dense_ms, "pruned_ms": pruned_ms, "speedup": dense_ms / pruned_ms,
                "dense_min_ms": fastest["dense"], "pruned_min_ms": fastest["pruned"]}
     if target == "latency":  # the deliverable as saved, timed as anyone would load it
+        latency.update(reduction=achieved, reductions=reductions)
         latency["exported"] = report.exported_latency(out_dir / "model.pt2", dense_model, example.cpu(), lat_cfg)
     layers = report.layer_table(dense_model, final)
     results = {

@@ -10,7 +10,8 @@ processes, one thread each, and prints every reduction, their range and standard
 processes matter: on a shared VM the spread between processes is larger than within one.
 `--exported` times the saved programs instead (a latency-target run saves `dense.pt2` beside
 `model.pt2`), loaded with `torch.export.load` and called on a plain NCHW tensor: the deliverable as
-an independent check times it; the run's budget is printed beside the reductions.
+an independent check times it; the run's budget is printed beside the reductions. Holds the quiet
+lock (PRUNE_LAB_QUIET_LOCK) while it measures, as a study's jobs do.
 """
 from __future__ import annotations
 
@@ -28,6 +29,9 @@ def measure(run: Path, batch: int, rounds: int, exported: bool = False) -> list[
     sys.path.insert(0, str(ROOT))
     import torch
 
+    from prune_lab import quiet
+
+    quiet.configure_from_env()  # with PRUNE_LAB_QUIET_LOCK set, jobs sharing it pause while this measures
     if exported:
         from prune_lab.sparsity.measure import interleaved_latency_ms
 

@@ -24,6 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from prune_lab import quiet  # noqa: E402
 from prune_lab.export import load_model  # noqa: E402
 from prune_lab.models import build_from_spec  # noqa: E402
 from prune_lab.report import write_json_atomic  # noqa: E402
@@ -42,6 +43,7 @@ def main() -> int:
         print(f"error: no finished jobs under {root}/jobs", file=sys.stderr)
         return 2
     torch.set_num_threads(1)
+    quiet.configure_from_env()  # with PRUNE_LAB_QUIET_LOCK set, jobs sharing it pause while this measures
     for job in jobs:
         results = json.loads((job / "results.json").read_text())
         if "latency_remeasured" in results and not args.force:

@@ -141,7 +141,7 @@ def latency_target_speedup(target: float = 0.5, batches: tuple[int, ...] = (1, 1
 
         plan, history = meet_latency(solve, measure, target, tolerance, rounds)
         ours = shrink(model, plan, x1).eval()
-        ours_loop = min((h["measured"] for h in history), key=lambda r: abs(r - target))
+        ours_loop = next(h["measured"] for h in history if h["chosen"])
         tpm, tp_red, tp_ratio, tries = tp_at_measured_reduction(model, x1, lat, ours_loop, tp_steps)
         res = _served_comparison({"dense": model, "ours": ours, "tp": tpm}, batch, size, lat, repeats,
                                  target_speedup)

@@ -324,8 +324,7 @@ class MaskUpdate(L.Callback):
                                    "budget": sparsity, "tolerance": tol,
                                    "table": table.describe(), "rounds": history,
                                    "predicted_reduction": table.reduction(plan, getattr(plan, "removed", [])),
-                                   "measured_reduction": min(history, key=lambda h: abs(h["measured"] - sparsity))
-                                   ["measured"]}
+                                   "measured_reduction": next(h["measured"] for h in history if h["chosen"])}
             if saved is not None and trainer.is_global_zero:
                 saved.parent.mkdir(parents=True, exist_ok=True)
                 saved.write_text(json.dumps({"key": key, "record": self.latency_record,

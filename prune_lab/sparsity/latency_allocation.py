@@ -234,16 +234,19 @@ def meet_latency(solve, measure, target: float, tolerance: float, rounds: int = 
     The budget is a ceiling on latency, as HALP's constraint is: a plan that removes a little more
     than asked is acceptable, one that removes less is not. So each correction aims at the middle
     of that window (asks for asked + (target + tolerance / 4 − measured)), and when no round lands
-    in it the plan kept is the one with the smallest miss, a shortfall counting twice an overshoot.
-    (Aiming at the target itself left the final re-measurement below it half of the time: a
-    ResNet-50 plan accepted at 0.492 for 0.5 re-measured 0.470.)
+    in it the plan kept is the one with the smallest miss, a shortfall counting four times an
+    overshoot: a plan measured at or above the target is kept unless it overshoots by more than four
+    times the best shortfall. (Aiming at the target itself left the final re-measurement below it half
+    of the time: a ResNet-50 plan accepted at 0.492 for 0.5 re-measured 0.470; with a shortfall
+    counting twice, a ResNet-20 plan was accepted at 0.386 for 0.4 and an independent timing read
+    0.339: README, held-out check.)
 
     solve(asked) -> (plan, predicted reduction); measure(plan) -> measured reduction.
-    Returns the chosen plan and the history of the rounds."""
+    Returns the chosen plan and the history of the rounds; the chosen round has "chosen": True."""
     aim = target + tolerance / 4
 
     def miss(measured: float) -> float:
-        return measured - target if measured >= target else 2.0 * (target - measured)
+        return measured - target if measured >= target else 4.0 * (target - measured)
 
     asked, history, best = target, [], None
     for i in range(max(1, rounds)):
@@ -255,12 +258,15 @@ def meet_latency(solve, measure, target: float, tolerance: float, rounds: int = 
             break  # a correction asked for more than the table can give: keep the best measured
 
         measured = measure(plan)
-        history.append({"asked": asked, "predicted": predicted, "measured": measured})
+        history.append({"asked": asked, "predicted": predicted, "measured": measured, "chosen": False})
         log.info("latency plan: asked %.4f, table predicts %.4f, measured %.4f (target %.4f)",
                  asked, predicted, measured, target)
+        if best is None or miss(measured) < miss(history[best[1]]["measured"]):
+            best = (plan, i)
         if target <= measured <= target + tolerance / 2:
-            return plan, history
-        if best is None or miss(measured) < miss(best[1]):
-            best = (plan, measured)
+            best = (plan, i)
+            break
         asked = min(max(asked + (aim - measured), 0.0), ceiling)
+    history[best[1]]["chosen"] = True
     return best[0], history
+
