@@ -288,6 +288,12 @@ def test_latency_run_records_table_measurement_and_exported_model(tmp_path, dens
     assert 1 <= len(plan["rounds"]) <= 3 and plan["rounds"][0]["asked"] == 0.1
     assert plan["predicted_reduction"] >= 0.0 and plan["table"]["signatures"] > 0
     assert plan["measured_reduction"] == next(h["measured"] for h in plan["rounds"] if h["chosen"])
+    # kept counts are whole blocks of latency.channel_block (8) channels: off-block counts run nearly
+    # as slow as the next block on CPU kernels
+    meta = json.loads((out / "model.json").read_text())
+    assert plan["round_to"] == 8 and meta["channel_plan"]
+    assert all(len(kept) % 8 == 0 for kept in meta["channel_plan"].values())
+    assert any(len(kept) < meta["channel_sizes"][root] for root, kept in meta["channel_plan"].items())
     lat = res["latency"]
     # budget_met reads the median of latency.plan_measurements (3) paired calls' fastest rounds
     assert len(lat["reductions"]) == 3 and lat["reductions"][0] == 1 - lat["pruned_min_ms"] / lat["dense_min_ms"]
