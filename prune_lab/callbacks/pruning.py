@@ -152,11 +152,11 @@ class MaskUpdate(L.Callback):
     @property
     def latency_round_to(self) -> int:
         """Kept counts of a latency plan: multiples of method.round_to and of latency.channel_block (8).
-        CPU convolution kernels work on blocks of 8 fp32 channels (AVX2's vector): off-block counts
-        run nearly as slow as the next multiple, which the table's interpolation between its grid
-        points does not see. On Fashion-MNIST's ResNet-14 at a predicted 0.5, plans of any count
-        measured 0.46 (latency plan) and 0.42 (FLOPs plan), plans of multiples of 8 0.58 and 0.56
-        (README, latency section)."""
+        CPU kernels work on blocks of 8 fp32 channels (AVX2's vector). A whole network with
+        off-block counts runs slower than one with block counts at the same table prediction, which
+        the table's standalone layer timings do not show: Fashion-MNIST's ResNet-14 at a predicted
+        0.53 / 0.48 measured 0.52 / 0.43 (latency / FLOPs plan, any count) against 0.57 / 0.58 in
+        blocks of 8 (scripts/latency_block_probe.py, README latency section)."""
         return math.lcm(max(1, int(self.round_to)), max(1, int(self.latency.get("channel_block", 8))))
 
     def check_schedule(self, total_steps: int, steps_per_epoch: int) -> None:
