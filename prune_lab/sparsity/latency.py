@@ -303,7 +303,8 @@ def measured_reduction(model: nn.Module, plan: dict[str, torch.Tensor], example_
              for _ in range(max(1, int(latency.get("plan_measurements", 3))))]
     # the median of several paired calls: on a shared VM one call's reduction moves by ±0.05-0.1 with
     # the machine's phase (README, tolerance); the pair inside a call is timed at the same moment
-    reductions = sorted(1.0 - c["pruned"] / c["dense"] for c in calls)
-    mid = calls[[1.0 - c["pruned"] / c["dense"] for c in calls].index(reductions[len(reductions) // 2])]
-    return {"dense_ms": mid["dense"], "pruned_ms": mid["pruned"], "reduction": reductions[len(reductions) // 2],
+    calls.sort(key=lambda c: c["pruned"] / c["dense"], reverse=True)  # by reduction, ascending
+    reductions = [1.0 - c["pruned"] / c["dense"] for c in calls]
+    mid = len(calls) // 2  # the upper median, as statistics.median_high (budget_met) takes it
+    return {"dense_ms": calls[mid]["dense"], "pruned_ms": calls[mid]["pruned"], "reduction": reductions[mid],
             "reductions": reductions}

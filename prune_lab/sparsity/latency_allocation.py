@@ -269,4 +269,3 @@ def meet_latency(solve, measure, target: float, tolerance: float, rounds: int = 
         asked = min(max(asked + (aim - measured), 0.0), ceiling)
     history[best[1]]["chosen"] = True
     return best[0], history
-
