@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -80,15 +81,18 @@ def main() -> int:
         print(json.dumps(measure(args.run, args.batch, args.rounds, args.exported)))
         return 0
     values = []
+    # a clean environment (one thread), but the quiet lock passes through: the children measure
+    child_env = {"OMP_NUM_THREADS": "1", "PATH": "",
+                 **{k: v for k, v in os.environ.items() if k == "PRUNE_LAB_QUIET_LOCK"}}
     for p in range(args.processes):
         done = subprocess.run([sys.executable, __file__, str(args.run), "--batch", str(args.batch), "--rounds",
                                str(args.rounds), "--child", *(["--exported"] if args.exported else [])],
-                              capture_output=True, text=True, check=True, env={"OMP_NUM_THREADS": "1", "PATH": ""})
+                              capture_output=True, text=True, check=True, env=child_env)
         got = json.loads(done.stdout.strip().splitlines()[-1])
         values += got
         print(f"process {p}: " + " ".join(f"{v:.3f}" for v in got))
     print(f"batch {args.batch}: {len(values)} reductions, {min(values):.3f}–{max(values):.3f}, "
-          f"mean {statistics.fmean(values):.3f}, std {statistics.stdev(values) if len(values) > 1 else 0.0:.3f}")
+          f"mean {statistics.fmean(values):.3f}, median {statistics.median(values):.3f}, std {statistics.stdev(values) if len(values) > 1 else 0.0:.3f}")
     results = args.run / "results.json"
     if results.is_file():
         r = json.loads(results.read_text())
