@@ -80,6 +80,9 @@ def test_bench_quick_writes_the_contract_keys(tmp_path):
     assert res["update_cost_fraction"] == res["update_cost"][res["update_cost"]["worst"]]["fraction"]
     assert res["wall_s"] < 300
     assert "ResNet-50" in proc.stdout
+    u = res["unipts_search"]  # the search's scoring paths agree, and the GEMM ceiling is reported
+    assert u["fitness_identical"] is True and u["macs_per_fitness_eval"] > 0
+    assert u["max_exact_speedup_at_gemm_rate"] == pytest.approx(u["gemm_gmacs_per_s"] / u["gmacs_per_s"])
 
 
 def test_nm_section_says_plainly_that_cpu_has_no_2_4_kernel(tmp_path):

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from prune_lab.models import classifier_of, create_model
+from prune_lab.sparsity.measure import count_flops
 from prune_lab.sparsity import CosineDecay, Cubic, DropGrow, MaskSet, masks_from_scores, prunable_weights
 
 
@@ -368,7 +369,16 @@ def unipts_search_cost(evals: int, device: str, sync, rounds: int = 3, stack: in
         for k in (list(paths) if r % 2 == 0 else list(paths)[::-1]):
             times[k].append(timed(paths[k], sync) / evals)
     med = {k: statistics.median(v) for k, v in times.items()}
+    # The ceiling on any exact speed-up: an evaluation is two forward passes over the 2,048 images
+    # (BN re-estimation, then scoring), whose multiply-accumulates a masked candidate still does;
+    # a large fp32 matrix product on the same thread(s) is the rate this core reaches at best.
+    macs = 2 * 2048 * count_flops(model, torch.zeros(1, 1, 16, 16, device=device))
+    a = torch.randn(1024, 1024, device=device)
+    gemm = statistics.median(timed(lambda: a @ a, sync) for _ in range(2 * rounds + 1))
+    rate, peak = macs / med["now"] / 1e9, 1024 ** 3 / gemm / 1e9
     return {"model": "resnet14", "input": [1, 16, 16], "images": 2048, "batch": 128, "evaluations": evals,
+            "macs_per_fitness_eval": macs, "gmacs_per_s": rate, "gemm_gmacs_per_s": peak,
+            "max_exact_speedup_at_gemm_rate": peak / rate,
             "stack": stack, "threads": torch.get_num_threads(),
             "seconds_per_fitness_eval": med["now"], "seconds_per_fitness_eval_before": med["before"],
             "seconds_per_fitness_eval_stacked": med["stacked"],
