@@ -100,7 +100,7 @@ def phases(n: int) -> list[str]:
 # that is inside the 3rd cycle's explore phase (steps 32-35): Θ_K, the Taylor sums of the explored
 # units and the pending counts must survive. With H = J = Q = 5 (cycles of 15) it is inside the
 # 3rd cycle's estimate phase: the exploration space exists only as MRU values in the policy state.
-RESUME = [("rigl", ["method.every=7"], None),
+RESUME = [pytest.param("rigl", ["method.every=7"], None, marks=pytest.mark.slow),  # trimmed: IEE's cases carry more state
           ("iee", ["method.criterion=taylor", *phases(4)], "explore"),
           ("iee", phases(5), "estimate"),
           ("iee_channels", ["budget=0.5", *phases(4)], "explore")]
