@@ -285,9 +285,10 @@ def n_params(model: nn.Module) -> int:
 def test_overparam_switches_end_to_end(tmp_path, dense_dir):
     l1, l1_out = run_overparam(tmp_path, dense_dir, "l1", "method=l1_filter")  # masks during training, shrink at export
     runs = {}
-    # both off and each switch alone (trimmed from all four pairs: the method's default, both on,
-    # is what the resume test below runs)
-    for expand, spkd in ((False, False), (True, False), (False, True)):
+    # the method's default (both on), expansion alone and both off: each switch is flipped alone
+    # once (both on vs expansion alone: SP-KD; expansion alone vs both off: expansion), trimmed
+    # from all four pairs
+    for expand, spkd in ((True, True), (True, False), (False, False)):
         runs[expand, spkd] = run_overparam(tmp_path, dense_dir, f"e{int(expand)}_s{int(spkd)}",
                                            f"method.expand={str(expand).lower()}", f"method.spkd={str(spkd).lower()}")
     plan = json.loads((l1_out / "model.json").read_text())["channel_plan"]

@@ -16,8 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from prune_lab.models import classifier_of, create_model
-from prune_lab.sparsity.measure import count_flops
-from prune_lab.sparsity import CosineDecay, Cubic, DropGrow, MaskSet, masks_from_scores, prunable_weights
+from prune_lab.sparsity import CosineDecay, Cubic, DropGrow, MaskSet, count_flops, masks_from_scores, prunable_weights
 
 
 def timed(fn, sync) -> float:
@@ -342,7 +341,8 @@ def unipts_search_cost(evals: int, device: str, sync, rounds: int = 3, stack: in
     the evidence benchmark's model (ResNet-14, 1x16x16 images, 2,048 calibration images in batches
     of 128): the scoring before this change vs now (`AllocationFitness`, one candidate per pass,
     channels-last, eval pass in batches of 1,024) vs now with `stack` candidates per pass.
-    Interleaved rounds, medians; `fitness_identical` says whether all three gave the same values."""
+    Interleaved rounds, medians; `fitness_identical` says whether all three gave the same values;
+    `max_exact_speedup_at_gemm_rate` bounds what any exact scoring could gain (MACs at GEMM speed)."""
     from prune_lab.callbacks.search import AllocationFitness
     from prune_lab.methods.unipts import decode_genome
 
