@@ -224,6 +224,7 @@ def test_latency_plan_is_reused_on_resume_and_broadcast_free_on_one_process(fake
     from types import SimpleNamespace
 
     from prune_lab.callbacks import MaskUpdate
+    from prune_lab.sparsity import MaskSet
 
     measured = []
 
@@ -234,7 +235,7 @@ def test_latency_plan_is_reused_on_resume_and_broadcast_free_on_one_process(fake
     monkeypatch.setattr(latency_mod, "measured_reduction", fake_measure)
     model, x, groups = model_and_groups()
     module = SimpleNamespace(model=model, classifier=classifier_of(model)[1], example_input=x,
-                             device=torch.device("cpu"),
+                             device=torch.device("cpu"), masks=MaskSet(model),
                              _trainer=SimpleNamespace(default_root_dir=str(tmp_path), is_global_zero=True))
     scores = groups.scores(Magnitude(p=1).channel_scorer())
     cb = MaskUpdate(budget=0.3, target="latency", latency_importance="criterion",

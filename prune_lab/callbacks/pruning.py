@@ -13,15 +13,11 @@ dense weights, so the shrunk shapes match the checkpoint's.
 """
 from __future__ import annotations
 
-import copy
-import json
-import math
-from pathlib import Path
-
 import lightning as L
 import torch
 import torch.nn.functional as F
 
+from prune_lab.callbacks.latency_plan import LatencyPlanning
 from prune_lab.errors import PruneLabError
 from prune_lab.export import remove_modules
 from prune_lab.sparsity import (ChannelGroups, FlopsModel, MaskSet, OneShot, build_importance, masks_from_scores,
@@ -40,11 +36,7 @@ def _plain(node) -> dict:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
 
 
-def _name_of(model, module) -> str:
-    return next(n for n, m in model.named_modules() if m is module)
-
-
-class MaskUpdate(L.Callback):
+class MaskUpdate(LatencyPlanning, L.Callback):
     """Prune to `budget` following `schedule`; enforce masks on weights and gradients every step.
 
     Args:
@@ -106,6 +98,14 @@ class MaskUpdate(L.Callback):
                                 "group's channels a latency plan keeps")
         self.allocation, self.latency_importance, self.min_keep = allocation, latency_importance, float(min_keep)
         self.depth = bool(depth)
+        self.steps = int(getattr(self.schedule, "steps", 1))  # > 1: a progressive (HALP-style) schedule
+        if self.steps > 1 and self.depth:
+            raise PruneLabError("method.depth=true needs a one-shot plan (method.prune_steps=1): a block removed at "
+                                "one prune step could not be kept out of the next step's plan")
+        # BN Taylor saliency summed over the training batches since the last prune step (HALP's
+        # estimate between steps; a progressive latency plan with Taylor values reads it)
+        self.saliency: dict[str, torch.Tensor] = {}
+        self.progress: list[dict] = []  # a progressive plan's earlier steps, for results.json
         self.latency = _plain(latency) if latency is not None and target == "latency" else {}
         self.latency_record: dict = {}
         if shrink_at_start and (target == "params" or not isinstance(self.schedule, OneShot) or self.schedule.at != 0):
@@ -130,35 +130,6 @@ class MaskUpdate(L.Callback):
     def structured(self) -> bool:
         return self.target in ("flops", "latency")
 
-    def check(self, model, example_input) -> None:
-        """target=latency: the table is measured now (and cached), and a budget it predicts out of
-        reach is refused before anything trains."""
-        if self.target != "latency":
-            return
-        from prune_lab.models import classifier_of
-        from prune_lab.sparsity.latency import table_for_run
-        from prune_lab.sparsity.latency_allocation import max_reduction
-
-        cpu = copy.deepcopy(model).cpu().eval()
-        groups = ChannelGroups(cpu, example_input.cpu(), ignored=[classifier_of(cpu)[1]])
-        if len(groups) == 0:
-            return  # check_structured refuses this with its own line
-        table = table_for_run(groups, example_input, self.latency)
-        top = max_reduction(groups, table, self.latency_round_to, self.min_keep if self.allocation == "halp" else 0.0)
-        if self.budget > top:
-            raise PruneLabError(f"budget={self.budget:g} (latency) is out of reach on this model: the latency table "
-                                f"predicts at most {top:.3f} with every channel group at its minimum")
-
-    @property
-    def latency_round_to(self) -> int:
-        """Kept counts of a latency plan: multiples of method.round_to and of latency.channel_block (8).
-        CPU kernels work on blocks of 8 fp32 channels (AVX2's vector). A whole network with
-        off-block counts runs slower than one with block counts at the same table prediction, which
-        the table's standalone layer timings do not show: Fashion-MNIST's ResNet-14 at a predicted
-        0.53 / 0.48 measured 0.52 / 0.43 (latency / FLOPs plan, any count) against 0.57 / 0.58 in
-        blocks of 8 (scripts/latency_block_probe.py, README latency section)."""
-        return math.lcm(max(1, int(self.round_to)), max(1, int(self.latency.get("channel_block", 8))))
-
     def check_schedule(self, total_steps: int, steps_per_epoch: int) -> None:
         """Called by the pipeline before training with the run's length (optimizer steps)."""
         if hasattr(self.schedule, "check"):
@@ -178,6 +149,8 @@ class MaskUpdate(L.Callback):
                 pl_module.masks.mask_optimizer_state(opt)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if self.accumulates_saliency:
+            self._add_saliency(pl_module.model)
         pl_module.masks.mask_grads()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -185,12 +158,15 @@ class MaskUpdate(L.Callback):
 
     def state_dict(self):
         return {"last_update_step": self.last_update_step, "dense_layers": list(self.dense_layers),
-                "latency_record": self.latency_record}
+                "latency_record": self.latency_record, "saliency": dict(self.saliency),
+                "progress": list(self.progress)}
 
     def load_state_dict(self, state):
         self.last_update_step = int(state["last_update_step"])
         self.dense_layers = list(state.get("dense_layers", []))
         self.latency_record = dict(state.get("latency_record", {}))
+        self.saliency = dict(state.get("saliency", {}))
+        self.progress = list(state.get("progress", []))
 
     # -- the update itself ----------------------------------------------------------------
     def update(self, pl_module, batch, sparsity: float) -> None:
@@ -200,6 +176,7 @@ class MaskUpdate(L.Callback):
             self._fill_grads(pl_module, batch)
         if self.structured:
             self._update_channels(pl_module, sparsity)
+            self.saliency = {}  # every rank: the next step's estimate starts now
         else:
             params = {n: p for n, p in model.named_parameters() if n in masks.prunable}
             scores = self.importance.weight_scores(params)
@@ -282,96 +259,6 @@ class MaskUpdate(L.Callback):
                 if n.startswith(tuple(f"{b}." for b in removed)):
                     masks.set(n, torch.zeros_like(p, dtype=torch.bool))
             masks.set_removed(removed)
-
-    def _latency_plan(self, pl_module, groups, scores, sparsity: float) -> dict[str, torch.Tensor]:
-        """Solve on the latency table, measure the shrunk model, correct (latency_allocation.meet_latency).
-        The plan is kept in the run directory: a resumed run (whose `setup` may re-prune) reuses it
-        instead of re-measuring, so its shapes match the checkpoint's. Under DDP rank 0 measures and
-        the plan is broadcast, so every rank prunes the same channels."""
-        from prune_lab.sparsity.latency import measured_reduction, table_for_run
-        from prune_lab.sparsity.latency_allocation import (ChannelPlan, meet_latency, removable_blocks,
-                                                           solve_latency_target)
-
-        trainer = pl_module._trainer
-        saved = Path(trainer.default_root_dir) / "latency_plan.json" if trainer is not None else None
-        key = {"budget": sparsity, "allocation": self.allocation, "importance": self.latency_importance,
-               "min_keep": self.min_keep, "depth": self.depth, "round_to": self.latency_round_to,
-               "sizes": dict(zip(groups.roots, groups.sizes))}
-        plan = None
-        if saved is not None and saved.exists():
-            stored = json.loads(saved.read_text())
-            if stored["key"] == key:
-                plan = ChannelPlan({r: torch.tensor(k, dtype=torch.bool) for r, k in stored["plan"].items()},
-                                   stored.get("removed", []))
-                self.latency_record = stored["record"]
-        dist = torch.distributed
-        distributed = dist.is_available() and dist.is_initialized()
-        if plan is None and (not distributed or dist.get_rank() == 0):
-            example = pl_module.example_input.cpu()
-            cpu = copy.deepcopy(pl_module.model).cpu().eval()
-            cpu_groups = ChannelGroups(cpu, example, ignored=[cpu.get_submodule(_name_of(pl_module.model,
-                                                                                         pl_module.classifier))])
-            by_root = dict(zip(groups.roots, scores))
-            cpu_scores = [by_root[r] for r in cpu_groups.roots]
-            blocks = removable_blocks(cpu, example) if self.depth and self.allocation == "halp" else []
-            values = None
-            if self.allocation == "halp" and self.latency_importance == "taylor":
-                by_root = dict(zip(groups.roots, self._taylor_values(pl_module, groups)))
-                values = [by_root[r] for r in cpu_groups.roots]
-            table = table_for_run(cpu_groups, example, self.latency)
-            tol = float(self.latency.get("tolerance", 0.04))
-
-            def solve(asked):
-                return solve_latency_target(cpu_groups, table, cpu_scores, asked, self.allocation, self.distribution,
-                                            self.latency_round_to, values, self.min_keep, blocks)
-
-            def measure(p):
-                return measured_reduction(cpu, p, example, self.latency, getattr(p, "removed", []))["reduction"]
-
-            plan, history = meet_latency(solve, measure, sparsity, tol, int(self.latency.get("rounds", 3)))
-            self.latency_record = {"allocation": self.allocation, "importance": self.latency_importance,
-                                   "min_keep": self.min_keep, "depth": self.depth, "round_to": self.latency_round_to,
-                                   "removed_blocks": list(getattr(plan, "removed", [])),
-                                   "budget": sparsity, "tolerance": tol,
-                                   "table": table.describe(), "rounds": history,
-                                   "predicted_reduction": table.reduction(plan, getattr(plan, "removed", [])),
-                                   "measured_reduction": next(h["measured"] for h in history if h["chosen"])}
-            if saved is not None and trainer.is_global_zero:
-                saved.parent.mkdir(parents=True, exist_ok=True)
-                saved.write_text(json.dumps({"key": key, "record": self.latency_record,
-                                             "plan": {r: k.tolist() for r, k in plan.items()},
-                                             "removed": list(getattr(plan, "removed", []))}))
-        if distributed:
-            box = [None if plan is None else dict(plan), list(getattr(plan, "removed", [])), self.latency_record]
-            dist.broadcast_object_list(box, src=0)
-            plan, self.latency_record = ChannelPlan(box[0], box[1]), box[2]
-        return ChannelPlan({r: k.to(pl_module.device) for r, k in plan.items()}, getattr(plan, "removed", []))
-
-    def _taylor_values(self, pl_module, groups) -> list[torch.Tensor]:
-        """HALP's channel saliency, (γ·∂L/∂γ + β·∂L/∂β)² per channel summed over the group's batch
-        norms, accumulated over the first `latency.taylor_batches` training batches (training
-        data only); eval mode, so BN running statistics are not touched."""
-        from prune_lab.sparsity.importance import TaylorBN
-
-        model, trainer = pl_module.model, pl_module._trainer
-        if trainer is None or getattr(trainer, "datamodule", None) is None:
-            raise PruneLabError("method.latency_importance=taylor needs the run's training data; "
-                                "use method.latency_importance=criterion")
-        scorer, total = TaylorBN().channel_scorer(), [torch.zeros(s) for s in groups.sizes]
-        was_training = model.training
-        model.eval()
-        try:
-            for i, (x, y) in enumerate(trainer.datamodule.train_dataloader()):
-                if i >= int(self.latency.get("taylor_batches", 8)):
-                    break
-                model.zero_grad(set_to_none=True)
-                with torch.enable_grad():
-                    F.cross_entropy(model(x.to(pl_module.device)), y.to(pl_module.device)).backward()
-                total = [t + s for t, s in zip(total, groups.scores(scorer))]
-        finally:
-            model.zero_grad(set_to_none=True)
-            model.train(was_training)
-        return total
 
     @staticmethod
     def _fill_grads(pl_module, batch) -> None:

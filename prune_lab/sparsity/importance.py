@@ -93,16 +93,16 @@ class TaylorBN(Importance):
 
 
 @torch.no_grad()
-def bn_channel_scores(group, gate) -> torch.Tensor:
+def bn_channel_scores(group, gate, needs_grad: bool = True) -> torch.Tensor:
     """Σ over the group's affine batch norms of `gate(bn, local_indices)`, per root channel
-    (batch norms without gradients are skipped)."""
+    (with `needs_grad`, batch norms without gradients are skipped)."""
     score = torch.zeros(len(group[0].idxs))
     seen = set()
     for item in group:
         bn = item.dep.target.module
         if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or not bn.affine or bn in seen:
             continue
-        if bn.weight.grad is None or bn.bias.grad is None:
+        if needs_grad and (bn.weight.grad is None or bn.bias.grad is None):
             continue
         seen.add(bn)  # a batch norm appears once per direction; count it once
         idx = torch.tensor(item.idxs, dtype=torch.long, device=bn.weight.device)

@@ -68,7 +68,8 @@ class _Greedy:
     default (`method.latency_importance`)."""
 
     def __init__(self, groups: ChannelGroups, table: LatencyTable, scores: list[torch.Tensor], round_to: int,
-                 values: list[torch.Tensor] | None = None, min_keep: float = 0.0, blocks: list[str] = ()):
+                 values: list[torch.Tensor] | None = None, min_keep: float = 0.0, blocks: list[str] = (),
+                 start: list[int] | None = None):
         self.table, self.sizes, self.roots = table, groups.sizes, groups.roots
         self.order = [torch.sort(s.float(), stable=True).indices for s in scores]
         # cum[g][k]: the group's value with its k lowest-scored channels removed (decreasing in k)
@@ -101,6 +102,11 @@ class _Greedy:
         self.removed: list[str] = []
         self.gone: set[str] = set()  # layers of removed blocks
         self.cand = [self._candidate(g) for g in range(len(self.sizes))]
+        # a progressive schedule's earlier steps: each group first loses at least the channels it
+        # already lost (they score lowest, so they go first), whatever they cost
+        for g, n in enumerate(start or []):
+            while self.pruned[g] < n and self.cand[g] is not None:
+                self._apply(g)
 
     def _changes(self, g: int, new_pruned: int) -> dict[str, list[int]]:
         newly = self.order[g][self.pruned[g]:new_pruned]
@@ -158,18 +164,22 @@ class _Greedy:
             for g in {h for g in inner for h in self.neighbours[g]}:
                 self.cand[g] = self._candidate(g)
             return True
-        _, d_ms, new_pruned = self.cand[best]
-        for name, (d_in, d_out) in self._changes(best, new_pruned).items():
+        self._apply(best)
+        return True
+
+    def _apply(self, g: int) -> None:
+        """Move group g to its next kept level (its candidate step)."""
+        _, d_ms, new_pruned = self.cand[g]
+        for name, (d_in, d_out) in self._changes(g, new_pruned).items():
             k = self.kept[name]
             k[1] -= d_out
             k[0] = k[1] if self.table.flops.layers[name]["dw"] else k[0] - d_in
-        self.dropped[best][self.order[best][self.pruned[best]:new_pruned]] = True
-        self.pruned[best] = new_pruned
-        self.pos[best] += 1
+        self.dropped[g][self.order[g][self.pruned[g]:new_pruned]] = True
+        self.pruned[g] = new_pruned
+        self.pos[g] += 1
         self.ms += d_ms
-        for h in self.neighbours[best]:
+        for h in self.neighbours[g]:
             self.cand[h] = self._candidate(h)
-        return True
 
     def plan(self) -> ChannelPlan:
         return ChannelPlan({root: ~d for root, d in zip(self.roots, self.dropped)}, self.removed)
@@ -178,18 +188,19 @@ class _Greedy:
 def solve_latency_target(groups: ChannelGroups, table: LatencyTable, scores: list[torch.Tensor], target: float,
                          allocation: str = "halp", distribution: str = "uniform", round_to: int = 1,
                          values: list[torch.Tensor] | None = None, min_keep: float = 0.0,
-                         blocks: list[str] = ()) -> tuple[dict[str, torch.Tensor], float]:
+                         blocks: list[str] = (), start: list[int] | None = None) -> tuple[dict[str, torch.Tensor], float]:
     """A plan whose *predicted* latency reduction is `target` (at least, for `halp`; the closest,
     for `flops`), and that predicted reduction. Within a group channels go in `scores` order;
     `values` (halp only): what a removed channel costs (see `_Greedy`); `min_keep` (halp only):
     no group keeps fewer than this fraction of its channels; `blocks` (halp only): residual blocks the
-    greedy may also remove whole (`removable_blocks`), returned in the plan's `removed`.
-    Unreachable targets raise PruneLabError."""
+    greedy may also remove whole (`removable_blocks`), returned in the plan's `removed`; `start`
+    (halp only): channels each group has already lost (a progressive schedule's earlier steps),
+    removed first whatever the target. Unreachable targets raise PruneLabError."""
     if allocation not in ALLOCATIONS:
         raise PruneLabError(f"unknown latency allocation '{allocation}'; choose one of: {', '.join(ALLOCATIONS)}")
     dense_ms = table.predict_ms(None)
     if allocation == "halp":
-        greedy = _Greedy(groups, table, scores, round_to, values, min_keep, blocks)
+        greedy = _Greedy(groups, table, scores, round_to, values, min_keep, blocks, start)
         while greedy.ms > (1.0 - target) * dense_ms:
             if not greedy.step():
                 raise PruneLabError(f"budget={target:g} (latency) is not reachable on this model: with every group "

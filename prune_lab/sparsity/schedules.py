@@ -70,6 +70,33 @@ class Cubic:
         return 1.0 - (1.0 - p) ** 3
 
 
+@dataclass
+class Stepwise:
+    """Prune in `steps` equal slices of the budget, one every `every` optimizer steps: at steps
+    0, every, 2·every, ... the target is (k + 1)/steps of the budget. HALP (Shen et al. 2022) prunes
+    this way, a lower latency target every r minibatches with the saliency re-estimated on the
+    minibatches in between, then fine-tunes; steps=1 is the one-shot prune at step 0 (`OneShot()`)."""
+
+    steps: int = 1
+    every: int = 40
+
+    def is_update(self, step: int, total_steps: int) -> bool:
+        return step % max(int(self.every), 1) == 0 and step // max(int(self.every), 1) < int(self.steps)
+
+    def check(self, total_steps: int) -> None:
+        if int(self.steps) < 1 or int(self.every) < 1:
+            raise PruneLabError(f"prune steps={self.steps}, every={self.every} (method.prune_steps, method.prune_every) "
+                                "must both be positive")
+        last = (int(self.steps) - 1) * int(self.every)
+        if last >= total_steps:
+            raise PruneLabError(f"the last of {self.steps} prune steps every {self.every} optimizer steps (step {last}) "
+                                f"falls outside this run's {total_steps} steps; lower method.prune_steps or "
+                                "method.prune_every, or train more epochs")
+
+    def fraction(self, step: int, total_steps: int) -> float:
+        return min(step // max(int(self.every), 1) + 1, int(self.steps)) / int(self.steps)
+
+
 # -- drop-fraction schedules of dynamic sparse training ----------------------------------------
 def _check_decay(name: str, init: float, every: int, end: float) -> None:
     if not 0.0 < float(init) <= 1.0:
