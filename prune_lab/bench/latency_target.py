@@ -139,7 +139,7 @@ def latency_target_speedup(target: float = 0.5, batches: tuple[int, ...] = (1, 1
         def measure(plan):
             return measured_reduction(model, plan, x1, lat)["reduction"]
 
-        plan, history = meet_latency(solve, measure, target, tolerance, rounds)
+        plan, history = meet_latency(solve, measure, target, tolerance, rounds, confirm=True)
         ours = shrink(model, plan, x1).eval()
         ours_loop = next(h["measured"] for h in history if h["chosen"])
         tpm, tp_red, tp_ratio, tries = tp_at_measured_reduction(model, x1, lat, ours_loop, tp_steps)

@@ -128,7 +128,8 @@ class LatencyPlanning:
             def measure(p):
                 return measured_reduction(cpu, p, example, self.latency, getattr(p, "removed", []))["reduction"]
 
-            plan, history = meet_latency(solve, measure, sparsity, tol, int(self.latency.get("rounds", 3)))
+            plan, history = meet_latency(solve, measure, sparsity, tol, int(self.latency.get("rounds", 3)),
+                                         confirm=bool(self.latency.get("confirm", True)))
             self.latency_record = {"allocation": self.allocation, "importance": self.latency_importance,
                                    "min_keep": self.min_keep, "depth": self.depth, "round_to": self.latency_round_to,
                                    "removed_blocks": list(getattr(plan, "removed", [])),
