@@ -176,6 +176,23 @@ def test_meet_latency_treats_the_budget_as_a_ceiling_on_latency():
     assert plan["asked"] == pytest.approx(0.415) and [h["chosen"] for h in history] == [False, True]
 
 
+def test_meet_latency_confirms_a_landing_with_a_second_reading():
+    """confirm: a plan read inside the window is read again; the mean of the two decides, so a
+    reading that sat high (0.405, then 0.385: mean 0.395, short) is corrected, not accepted."""
+    values = iter([0.405, 0.385, 0.42, 0.404, 0.41])
+    plan, history = meet_latency(lambda asked: ({"asked": asked}, asked), lambda plan: next(values), 0.4,
+                                 tolerance=0.04, rounds=3, confirm=True)
+    assert history[0]["readings"] == [0.405, 0.385] and history[0]["measured"] == pytest.approx(0.395)
+    assert history[1]["asked"] == pytest.approx(0.4 + 0.41 - 0.395)  # corrected from the mean
+    assert history[1]["readings"] == [0.42, 0.404] and history[1]["chosen"] and len(history) == 2
+    assert plan["asked"] == pytest.approx(0.415) and next(values) == 0.41  # no third round, no third reading
+    # outside the window a round is read once
+    values = iter([0.3, 0.405, 0.405])
+    _, history = meet_latency(lambda asked: ({"asked": asked}, asked), lambda plan: next(values), 0.4,
+                              tolerance=0.04, rounds=3, confirm=True)
+    assert "readings" not in history[0] and history[1]["readings"] == [0.405, 0.405]
+
+
 def test_meet_latency_keeps_the_best_when_a_correction_is_out_of_reach():
     def solve(asked):
         if asked > 0.45:
@@ -241,11 +258,12 @@ def test_latency_plan_is_reused_on_resume_and_broadcast_free_on_one_process(fake
     cb = MaskUpdate(budget=0.3, target="latency", latency_importance="criterion",
                     latency=dict(batch_size=4, table_points=4, table_cache=str(tmp_path / "t")))
     first = cb._latency_plan(module, groups, scores, 0.3)
-    assert len(measured) == 1 and (tmp_path / "latency_plan.json").exists()
+    # landed in the window: read twice (latency.confirm, default true)
+    assert len(measured) == 2 and (tmp_path / "latency_plan.json").exists()
     again = MaskUpdate(budget=0.3, target="latency", latency_importance="criterion",
                        latency=dict(batch_size=4, table_points=4, table_cache=str(tmp_path / "t")))
     second = again._latency_plan(module, groups, scores, 0.3)
-    assert len(measured) == 1  # not measured again
+    assert len(measured) == 2  # not measured again
     assert all(torch.equal(first[r], second[r]) for r in first)
     assert again.report()["latency_plan"]["measured_reduction"] == 0.3
 

@@ -108,3 +108,41 @@ def test_progressive_latency_run_records_its_steps_and_never_regrows(tmp_path, d
     assert all(kept[i + 1][r] <= kept[i][r] for i in range(2) for r in kept[0])
     assert len(added) > 8  # every optimizer step adds its gradients' saliency
     assert plan["rounds"][0]["asked"] == 0.1 and plan["measured_reduction"] is not None
+
+
+def test_latency_rank_taylor_removes_the_lowest_taylor_channels(fake_timing, tmp_path, monkeypatch):
+    """latency_rank=taylor: within a group the channels with the smallest Taylor values go (HALP
+    ranks the neurons it packs by the same saliency); the default keeps the method's L1 order."""
+    from types import SimpleNamespace
+
+    from prune_lab.callbacks import MaskUpdate
+    from prune_lab.models import classifier_of
+    from prune_lab.sparsity import ChannelGroups, MaskSet
+    from prune_lab.sparsity import latency as latency_mod
+
+    monkeypatch.setattr(latency_mod, "served_ms", lambda models, x, lat: {k: 1.0 for k in models})
+    monkeypatch.setattr(latency_mod, "measured_reduction",
+                        lambda model, plan, x, lat, skip=(): {"dense_ms": 1.0, "pruned_ms": 0.6, "reduction": 0.4})
+    model, x, groups = model_and_groups()
+    g = torch.Generator().manual_seed(3)
+    taylor = [torch.rand(s, generator=g) for s in groups.sizes]
+    monkeypatch.setattr(MaskUpdate, "_taylor_values", lambda self, m, gr: [t.clone() for t in taylor])
+    scores = groups.scores(Magnitude(p=1).channel_scorer())
+    plans = {}
+    for rank in ("criterion", "taylor"):
+        module = SimpleNamespace(model=model, classifier=classifier_of(model)[1], example_input=x,
+                                 device=torch.device("cpu"), masks=MaskSet(model),
+                                 _trainer=SimpleNamespace(default_root_dir=str(tmp_path / rank), is_global_zero=True))
+        cb = MaskUpdate(budget=0.4, target="latency", latency_rank=rank,
+                        latency=dict(batch_size=4, table_points=4, table_cache=str(tmp_path / "t")))
+        plans[rank] = cb._latency_plan(module, groups, scores, 0.4)
+    cut = 0
+    for root, t, s in zip(groups.roots, taylor, scores):
+        for rank, order in (("taylor", t), ("criterion", s)):
+            keep = plans[rank][root]
+            if 0 < int(keep.sum()) < keep.numel():
+                assert order[keep].min() >= order[~keep].max(), (rank, root)
+                cut += rank == "taylor"
+    assert cut > 0
+    with pytest.raises(PruneLabError, match="latency_rank=taylor ranks channels by the Taylor values"):
+        MaskUpdate(budget=0.4, target="latency", latency_rank="taylor", latency_importance="criterion", latency={})

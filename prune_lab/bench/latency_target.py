@@ -6,7 +6,8 @@ Per batch size:
 1. the per-layer latency table (`LatencyTable`) at that batch size, its `other` share calibrated
    on the dense model's measured forward (what `table_for_run` does in a run), timed as built;
 2. our plan: L1-magnitude channel scores, the HALP-style allocation against the table, corrected
-   on the measured model by `meet_latency` (measure = `measured_reduction`, as a run measures);
+   on the measured model by `meet_latency` (measure = `measured_reduction`, as a run measures; a
+   plan landing in the window is read a second time and judged by the mean, as `latency.confirm`);
 3. torch-pruning's `MagnitudePruner` with one ratio for every layer (`tp_uniform`), the ratio
    bisected until its *measured* latency reduction matches our plan's measured reduction;
 4. dense, ours and torch-pruning's re-measured interleaved on their served copies (channels-last,
@@ -139,7 +140,7 @@ def latency_target_speedup(target: float = 0.5, batches: tuple[int, ...] = (1, 1
         def measure(plan):
             return measured_reduction(model, plan, x1, lat)["reduction"]
 
-        plan, history = meet_latency(solve, measure, target, tolerance, rounds)
+        plan, history = meet_latency(solve, measure, target, tolerance, rounds, confirm=True)
         ours = shrink(model, plan, x1).eval()
         ours_loop = next(h["measured"] for h in history if h["chosen"])
         tpm, tp_red, tp_ratio, tries = tp_at_measured_reduction(model, x1, lat, ours_loop, tp_steps)

@@ -85,6 +85,7 @@ class LatencyPlanning:
         earlier = {r: k.cpu() for r, k in pl_module.masks.channel_plan.items()}  # the previous step's plan
         saved = Path(trainer.default_root_dir) / "latency_plan.json" if trainer is not None and final else None
         key = {"budget": sparsity, "allocation": self.allocation, "importance": self.latency_importance,
+               **({"rank": self.latency_rank} if self.latency_rank != "criterion" else {}),
                "min_keep": self.min_keep, "depth": self.depth, "round_to": self.latency_round_to,
                "sizes": dict(zip(groups.roots, groups.sizes))}
         plan = None
@@ -101,16 +102,18 @@ class LatencyPlanning:
             cpu = copy.deepcopy(pl_module.model).cpu().eval()
             cpu_groups = ChannelGroups(cpu, example, ignored=[cpu.get_submodule(_name_of(pl_module.model,
                                                                                          pl_module.classifier))])
-            by_root = dict(zip(groups.roots, scores))
-            # channels an earlier step removed score lowest: they go first again
-            cpu_scores = [torch.where(earlier[r], by_root[r], torch.full_like(by_root[r], -1.0)) if r in earlier
-                          else by_root[r] for r in cpu_groups.roots]
-            start = [int((~earlier[r]).sum()) if r in earlier else 0 for r in cpu_groups.roots]
             blocks = removable_blocks(cpu, example) if self.depth and self.allocation == "halp" else []
             values = None
             if self.allocation == "halp" and self.latency_importance == "taylor":
                 by_root = dict(zip(groups.roots, self._taylor_values(pl_module, groups)))
                 values = [by_root[r] for r in cpu_groups.roots]
+            # which channels of a group go: the method's criterion, or (latency_rank=taylor) the values
+            by_root = dict(zip(groups.roots, scores))
+            rank = values if self.latency_rank == "taylor" else [by_root[r] for r in cpu_groups.roots]
+            # channels an earlier step removed score lowest: they go first again
+            cpu_scores = [torch.where(earlier[r], s, torch.full_like(s, -1.0)) if r in earlier else s
+                          for r, s in zip(cpu_groups.roots, rank)]
+            start = [int((~earlier[r]).sum()) if r in earlier else 0 for r in cpu_groups.roots]
             table = table_for_run(cpu_groups, example, self.latency)
             tol = float(self.latency.get("tolerance", 0.04))
 
@@ -128,8 +131,10 @@ class LatencyPlanning:
             def measure(p):
                 return measured_reduction(cpu, p, example, self.latency, getattr(p, "removed", []))["reduction"]
 
-            plan, history = meet_latency(solve, measure, sparsity, tol, int(self.latency.get("rounds", 3)))
+            plan, history = meet_latency(solve, measure, sparsity, tol, int(self.latency.get("rounds", 3)),
+                                         confirm=bool(self.latency.get("confirm", True)))
             self.latency_record = {"allocation": self.allocation, "importance": self.latency_importance,
+                                   "rank": self.latency_rank,
                                    "min_keep": self.min_keep, "depth": self.depth, "round_to": self.latency_round_to,
                                    "removed_blocks": list(getattr(plan, "removed", [])),
                                    "budget": sparsity, "tolerance": tol,

@@ -61,8 +61,10 @@ class MaskUpdate(LatencyPlanning, L.Callback):
         latency_importance: target=latency, allocation=halp: what a removed channel costs the
             knapsack: "taylor" (HALP's: BN Taylor saliency (γ·∂L/∂γ + β·∂L/∂β)² summed over
             `latency.taylor_batches` training batches, BN statistics untouched) or "criterion"
-            (the log share of the method's own scores kept per group). Which channels of a group
-            go is always the method's criterion.
+            (the log share of the method's own scores kept per group).
+        latency_rank: target=latency, allocation=halp: which channels of a group go: "criterion"
+            (the method's own scores, default) or "taylor" (the Taylor values, as HALP ranks the
+            neurons it packs; needs latency_importance=taylor).
         min_keep: target=latency, allocation=halp: no channel group keeps fewer than this fraction
             of its channels (0: one channel). The one-shot greedy otherwise cut the residual
             streams of the benchmark's ResNet-14 to 1–4 channels (README).
@@ -77,7 +79,8 @@ class MaskUpdate(LatencyPlanning, L.Callback):
     def __init__(self, budget: float, target: str = "params", importance="magnitude", distribution: str = "uniform",
                  schedule=None, round_to: int = 1, tolerance: float = 0.02, shrink_at_start: bool = False,
                  pattern: str | None = None, dense_stem: bool = False, allocation: str = "halp", latency=None,
-                 latency_importance: str = "taylor", min_keep: float = 0.0, depth: bool = False):
+                 latency_importance: str = "taylor", min_keep: float = 0.0, depth: bool = False,
+                 latency_rank: str = "criterion"):
         if target not in TARGETS:
             raise PruneLabError(f"unknown target '{target}'; choose one of: {', '.join(TARGETS)}")
         allowed = DISTRIBUTIONS if target == "params" else ("uniform", "global")
@@ -97,6 +100,12 @@ class MaskUpdate(LatencyPlanning, L.Callback):
             raise PruneLabError(f"method.min_keep={min_keep} is outside [0, 1): the smallest fraction of a "
                                 "group's channels a latency plan keeps")
         self.allocation, self.latency_importance, self.min_keep = allocation, latency_importance, float(min_keep)
+        if latency_rank not in ("criterion", "taylor"):
+            raise PruneLabError(f"method.latency_rank={latency_rank} is not one of: criterion, taylor")
+        if latency_rank == "taylor" and (allocation != "halp" or latency_importance != "taylor"):
+            raise PruneLabError("method.latency_rank=taylor ranks channels by the Taylor values: it needs "
+                                "method.allocation=halp and method.latency_importance=taylor")
+        self.latency_rank = latency_rank
         self.depth = bool(depth)
         self.steps = int(getattr(self.schedule, "steps", 1))  # > 1: a progressive (HALP-style) schedule
         if self.steps > 1 and self.depth:
