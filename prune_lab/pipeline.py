@@ -236,10 +236,10 @@ def run(cfg: DictConfig) -> dict:
     check_forward(cfg, dm, model, example)
     check_structured(cfg, model, example)
     callbacks = [build(c) for c in cfg.method.get("callbacks", {}).values()]
+    check_schedules(cfg, dm, callbacks)  # cheap: before a latency check measures its table
     for cb in callbacks:  # method-specific requirements on the model, before anything is written
         if hasattr(cb, "check"):
             cb.check(model, example)
-    check_schedules(cfg, dm, callbacks)
     # steps a method takes once before training, or instead of it (train: false): one-shot pruning,
     # BN re-estimation, layer-wise reconstruction; each is called as step(module, datamodule, trainer)
     prepare = [build(s) for s in (cfg.method.get("prepare") or {}).values()]

@@ -98,6 +98,49 @@ def main() -> int:
         moved = {k: sum(int((a[r] & ~plans[k][r]).sum()) for r in groups.roots) for k in names[1:]}
         print(f"  channels A keeps that the other plan drops: B {moved[names[1]]}, C {moved[names[2]]} of {total}")
         out[f"budget{budget}"] = {"rows": rows, "moved": moved, "total_channels": total}
+    # the greedy looking 1 level ahead (the default) against 4 (latency.lookahead), on draw C
+    for budget in args.budgets:
+        print(f"\nbudget {budget}: kept per group with lookahead 1 / 4, and the Taylor value each plan keeps")
+        plans = {}
+        for la in (1, 4):
+            plan, predicted = solve_latency_target(groups, table, scores, budget, "halp", round_to=8,
+                                                   values=draws[names[2]], min_keep=0.25, lookahead=la)
+            kept_value = sum(float(v[plan[r]].sum()) for r, v in zip(groups.roots, draws[names[2]]))
+            plans[la] = (plan, predicted, kept_value)
+        for root in groups.roots:
+            print(f"  {root:18s} {int(plans[1][0][root].sum()):3d} / {int(plans[4][0][root].sum()):3d}")
+        total_value = sum(float(v.sum()) for v in draws[names[2]])
+        for la in (1, 4):
+            print(f"  lookahead {la}: predicted reduction {plans[la][1]:.3f}, Taylor value kept "
+                  f"{plans[la][2] / total_value:.4f} of the dense model's")
+        out[f"lookahead_budget{budget}"] = {str(la): {"kept": {r: int(p[0][r].sum()) for r in groups.roots},
+                                                      "predicted": p[1], "value_kept": p[2] / total_value}
+                                            for la, p in plans.items()}
+    # what the table can steer: per group, the predicted ms and the MACs one block of 8 channels
+    # saves, at the dense model and at half width; equal ms per MAC everywhere would leave a latency
+    # plan nothing a FLOPs plan does not already get
+    flops = table.flops
+    dense_ms, dense_macs = table.predict_ms(None), flops.macs()
+    print(f"\nms (table) per GMAC saved by removing one block of 8 channels (dense {dense_ms:.2f} ms, "
+          f"{dense_macs / 1e6:.1f} MMAC per image)")
+    cost = []
+    for g, (root, size) in enumerate(zip(groups.roots, groups.sizes)):
+        row = {"group": root, "size": size}
+        for label, kept in (("at full width", size), ("at half width", size // 2)):
+            if kept - 8 < 1:
+                continue
+            plan = {r: torch.ones(n, dtype=torch.bool) for r, n in zip(groups.roots, groups.sizes)}
+            before, after = plan.copy(), plan.copy()
+            before[root] = torch.arange(size) < kept
+            after[root] = torch.arange(size) < kept - 8
+            d_ms = table.predict_ms(before) - table.predict_ms(after)
+            d_macs = flops.macs(before) - flops.macs(after)
+            row[label] = {"ms": d_ms, "macs": d_macs, "ms_per_gmac": d_ms / (d_macs * 128 / 1e9)}
+        cost.append(row)
+        print(f"  {root:18s} " + "   ".join(f"{k}: {v['ms']:.3f} ms / {v['macs'] * 128 / 1e9:.4f} GMAC = "
+                                            f"{v['ms_per_gmac']:.1f} ms/GMAC" for k, v in row.items()
+                                            if isinstance(v, dict)))
+    out["cost_per_block"] = cost
     if args.out:
         args.out.write_text(json.dumps(out, indent=2))
     return 0

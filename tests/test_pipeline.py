@@ -106,6 +106,8 @@ BAD = [
     pytest.param(["model.weights=/nonexistent/dense.safetensors"], ["/nonexistent/dense.safetensors"], marks=_SLOW),
     (["method.distribution=gaussian"], ["gaussian", "uniform", "erk"]),
     pytest.param(["method=stp", "model=vgg16"], ["not supported by stp", "ResNet"], marks=_SLOW),
+    pytest.param(["method=l1_filter", "method.prune_steps=50"], ["prune steps", "50", "method.prune_steps"],
+                 marks=_SLOW),
 ]
 
 

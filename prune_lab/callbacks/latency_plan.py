@@ -86,6 +86,7 @@ class LatencyPlanning:
         saved = Path(trainer.default_root_dir) / "latency_plan.json" if trainer is not None and final else None
         key = {"budget": sparsity, "allocation": self.allocation, "importance": self.latency_importance,
                **({"rank": self.latency_rank} if self.latency_rank != "criterion" else {}),
+               **({"lookahead": int(self.latency["lookahead"])} if int(self.latency.get("lookahead", 1)) > 1 else {}),
                "min_keep": self.min_keep, "depth": self.depth, "round_to": self.latency_round_to,
                "sizes": dict(zip(groups.roots, groups.sizes))}
         plan = None
@@ -120,7 +121,8 @@ class LatencyPlanning:
             def solve(asked):
                 return solve_latency_target(cpu_groups, table, cpu_scores, asked, self.allocation, self.distribution,
                                             self.latency_round_to, values, self.min_keep, blocks,
-                                            start if self.allocation == "halp" else None)
+                                            start if self.allocation == "halp" else None,
+                                            int(self.latency.get("lookahead", 1)))
 
             if not final:
                 plan, predicted = solve(sparsity)
@@ -134,6 +136,7 @@ class LatencyPlanning:
             plan, history = meet_latency(solve, measure, sparsity, tol, int(self.latency.get("rounds", 3)),
                                          confirm=bool(self.latency.get("confirm", True)))
             self.latency_record = {"allocation": self.allocation, "importance": self.latency_importance,
+                                   "lookahead": int(self.latency.get("lookahead", 1)),
                                    "rank": self.latency_rank,
                                    "min_keep": self.min_keep, "depth": self.depth, "round_to": self.latency_round_to,
                                    "removed_blocks": list(getattr(plan, "removed", [])),

@@ -69,7 +69,7 @@ class _Greedy:
 
     def __init__(self, groups: ChannelGroups, table: LatencyTable, scores: list[torch.Tensor], round_to: int,
                  values: list[torch.Tensor] | None = None, min_keep: float = 0.0, blocks: list[str] = (),
-                 start: list[int] | None = None):
+                 start: list[int] | None = None, lookahead: int = 1):
         self.table, self.sizes, self.roots = table, groups.sizes, groups.roots
         self.order = [torch.sort(s.float(), stable=True).indices for s in scores]
         # cum[g][k]: the group's value with its k lowest-scored channels removed (decreasing in k)
@@ -101,12 +101,13 @@ class _Greedy:
         self.blocks = {b: v for b, v in self.blocks.items() if v[0] and v[1]}
         self.removed: list[str] = []
         self.gone: set[str] = set()  # layers of removed blocks
+        self.lookahead = max(1, int(lookahead))
         self.cand = [self._candidate(g) for g in range(len(self.sizes))]
         # a progressive schedule's earlier steps: each group first loses at least the channels it
         # already lost (they score lowest, so they go first), whatever they cost
         for g, n in enumerate(start or []):
             while self.pruned[g] < n and self.cand[g] is not None:
-                self._apply(g)
+                self._apply(g, self._candidate(g, lookahead=1))
 
     def _changes(self, g: int, new_pruned: int) -> dict[str, list[int]]:
         newly = self.order[g][self.pruned[g]:new_pruned]
@@ -119,10 +120,28 @@ class _Greedy:
             c[0 if kind == "in" else 1] += d
         return changes
 
-    def _candidate(self, g: int):
+    def _candidate(self, g: int, lookahead: int | None = None):
+        """Group g's next move: to one of its next `lookahead` kept levels, the one that loses the
+        least value per ms saved (see `step`). Looking past the next level matters where latency is
+        a staircase: on an AVX-512 CPU a conv's time steps with every 16 output channels, so
+        removing one block of 8 saves nothing and the next one a lot, and a one-level greedy
+        never sees the second (HALP sizes its neuron groups to the latency steps for the same
+        reason). Returns (value lost, ms change, channels pruned after it, level index) or None."""
         if self.pos[g] >= len(self.levels[g]) or self.layers_of[g] <= self.gone:
             return None
-        new_pruned = self.sizes[g] - self.levels[g][self.pos[g]]
+        best = None
+        for j in range(self.pos[g], min(self.pos[g] + (lookahead or self.lookahead), len(self.levels[g]))):
+            d_imp, d_ms, new_pruned = self._move(g, self.sizes[g] - self.levels[g][j])
+            if best is None or self._key(d_imp, d_ms) < self._key(best[0], best[1]):
+                best = (d_imp, d_ms, new_pruned, j)
+        return best
+
+    @staticmethod
+    def _key(d_imp: float, d_ms: float):
+        # moves that save time first, by importance lost per ms; then the rest, by importance
+        return (0, d_imp / -d_ms) if d_ms < 0 else (1, d_imp)
+
+    def _move(self, g: int, new_pruned: int):
         d_imp = self.cum[g][self.pruned[g]] - self.cum[g][new_pruned]  # value lost (≥ 0)
         d_ms = 0.0
         for name, (d_in, d_out) in self._changes(g, new_pruned).items():
@@ -150,8 +169,7 @@ class _Greedy:
         options = [(g, c[0], c[1]) for g, c in enumerate(self.cand) if c is not None]
         options += [(b, *self._block_candidate(b)) for b in self.blocks if b not in self.removed]
         for g, d_imp, d_ms in options:
-            # steps that save time first, by importance lost per ms; then the rest, by importance
-            key = (0, d_imp / -d_ms) if d_ms < 0 else (1, d_imp)
+            key = self._key(d_imp, d_ms)
             if best_key is None or key < best_key:
                 best, best_key = g, key
         if best is None:
@@ -167,16 +185,16 @@ class _Greedy:
         self._apply(best)
         return True
 
-    def _apply(self, g: int) -> None:
-        """Move group g to its next kept level (its candidate step)."""
-        _, d_ms, new_pruned = self.cand[g]
+    def _apply(self, g: int, move=None) -> None:
+        """Take group g's candidate move (or `move`, a `_candidate` result)."""
+        _, d_ms, new_pruned, level = move or self.cand[g]
         for name, (d_in, d_out) in self._changes(g, new_pruned).items():
             k = self.kept[name]
             k[1] -= d_out
             k[0] = k[1] if self.table.flops.layers[name]["dw"] else k[0] - d_in
         self.dropped[g][self.order[g][self.pruned[g]:new_pruned]] = True
         self.pruned[g] = new_pruned
-        self.pos[g] += 1
+        self.pos[g] = level + 1
         self.ms += d_ms
         for h in self.neighbours[g]:
             self.cand[h] = self._candidate(h)
@@ -188,19 +206,21 @@ class _Greedy:
 def solve_latency_target(groups: ChannelGroups, table: LatencyTable, scores: list[torch.Tensor], target: float,
                          allocation: str = "halp", distribution: str = "uniform", round_to: int = 1,
                          values: list[torch.Tensor] | None = None, min_keep: float = 0.0,
-                         blocks: list[str] = (), start: list[int] | None = None) -> tuple[dict[str, torch.Tensor], float]:
+                         blocks: list[str] = (), start: list[int] | None = None,
+                         lookahead: int = 1) -> tuple[dict[str, torch.Tensor], float]:
     """A plan whose *predicted* latency reduction is `target` (at least, for `halp`; the closest,
     for `flops`), and that predicted reduction. Within a group channels go in `scores` order;
     `values` (halp only): what a removed channel costs (see `_Greedy`); `min_keep` (halp only):
     no group keeps fewer than this fraction of its channels; `blocks` (halp only): residual blocks the
     greedy may also remove whole (`removable_blocks`), returned in the plan's `removed`; `start`
     (halp only): channels each group has already lost (a progressive schedule's earlier steps),
-    removed first whatever the target. Unreachable targets raise PruneLabError."""
+    removed first whatever the target; `lookahead` (halp only): how many kept levels ahead a
+    group's next move may jump (`_Greedy._candidate`). Unreachable targets raise PruneLabError."""
     if allocation not in ALLOCATIONS:
         raise PruneLabError(f"unknown latency allocation '{allocation}'; choose one of: {', '.join(ALLOCATIONS)}")
     dense_ms = table.predict_ms(None)
     if allocation == "halp":
-        greedy = _Greedy(groups, table, scores, round_to, values, min_keep, blocks, start)
+        greedy = _Greedy(groups, table, scores, round_to, values, min_keep, blocks, start, lookahead)
         while greedy.ms > (1.0 - target) * dense_ms:
             if not greedy.step():
                 raise PruneLabError(f"budget={target:g} (latency) is not reachable on this model: with every group "
