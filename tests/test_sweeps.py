@@ -150,6 +150,21 @@ def test_two_process_ddp_masks_identical(tmp_path):
 
 
 @pytest.mark.slow
+def test_two_process_ddp_progressive_latency_plan_is_rank_0s(tmp_path):
+    """A progressive latency plan under DDP: rank 0 solves every step (the last one measured) and
+    broadcasts it, so both ranks hold the same masks and the record lists the earlier steps."""
+    proc = train([*QUICK, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "method=l1_filter",
+                  "method.target=latency", "budget=0.1", "method.prune_steps=3", "method.prune_every=4",
+                  f"latency.table_cache={tmp_path / 'tables'}", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads((tmp_path / "run/results.json").read_text())
+    digests = r["train"]["mask_digest_per_rank"]
+    assert r["train"]["world_size"] == 2 and len(digests) == 2 and digests[0] == digests[1]
+    plan = r["latency_plan"]
+    assert plan["steps"] == 3 and len(plan["earlier_steps"]) == 2 and plan["monotone"] is True
+
+
+@pytest.mark.slow
 def test_submitit_local_runs_a_job_end_to_end(tmp_path):
     proc = train(["-m", "hydra/launcher=local", *QUICK, "method=magnitude", "budget=0.5"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
