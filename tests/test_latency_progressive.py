@@ -146,3 +146,23 @@ def test_latency_rank_taylor_removes_the_lowest_taylor_channels(fake_timing, tmp
     assert cut > 0
     with pytest.raises(PruneLabError, match="latency_rank=taylor ranks channels by the Taylor values"):
         MaskUpdate(budget=0.4, target="latency", latency_rank="taylor", latency_importance="criterion", latency={})
+
+
+def test_method_halp_is_the_progressive_taylor_ranked_latency_plan(tmp_path, dense_dir):
+    """`method=halp` composes l1_filter's pipeline with HALP's choices (latency target, 10 slices
+    every 40 steps, Taylor values as knapsack value and as ranking); a run too short for its
+    schedule is refused before anything trains, naming the knobs."""
+    from hydra.utils import instantiate
+
+    from conftest import FAST, compose_cfg
+    from prune_lab.pipeline import run
+
+    cfg = compose_cfg(["experiment=fashion_mnist", "method=halp", "budget=0.5"], tmp_path / "a", dense_dir)
+    cb = instantiate(cfg.method.callbacks.prune)
+    assert (cfg.method.name, cb.target, cb.allocation, cb.latency_importance, cb.latency_rank) == \
+        ("halp", "latency", "halp", "taylor", "taylor")
+    assert cb.schedule == Stepwise(steps=10, every=40)
+    cfg = compose_cfg([*FAST, "method=halp", "budget=0.3"], tmp_path / "b", dense_dir)
+    with pytest.raises(PruneLabError, match=r"last of 10 prune steps every 40 optimizer steps .* method.prune_steps"):
+        run(cfg)
+    assert not (tmp_path / "b").exists() or not any((tmp_path / "b").iterdir())
