@@ -63,10 +63,10 @@ class LatencyPlanning:
     @torch.no_grad()
     def _add_saliency(self, model) -> None:
         """(γ·∂L/∂γ + β·∂L/∂β)² of this step's training gradients, per BN channel (pruned
-        channels have γ = β = 0 and add nothing)."""
+        channels have γ = β = 0 and add nothing); kept on the model's device (no copy per step)."""
         for name, bn in model.named_modules():
             if isinstance(bn, torch.nn.modules.batchnorm._BatchNorm) and bn.affine and bn.weight.grad is not None:
-                s = ((bn.weight * bn.weight.grad + bn.bias * bn.bias.grad) ** 2).float().cpu()
+                s = ((bn.weight * bn.weight.grad + bn.bias * bn.bias.grad) ** 2).float()
                 self.saliency[name] = self.saliency[name] + s if name in self.saliency else s
 
     def _latency_plan(self, pl_module, groups, scores, sparsity: float) -> dict[str, torch.Tensor]:

@@ -158,8 +158,8 @@ class MaskUpdate(LatencyPlanning, L.Callback):
                 pl_module.masks.mask_optimizer_state(opt)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        if self.accumulates_saliency:
-            self._add_saliency(pl_module.model)
+        if self.accumulates_saliency and trainer.global_step < self.schedule.last_step:
+            self._add_saliency(pl_module.model)  # only while a later prune step will read it
         pl_module.masks.mask_grads()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):

@@ -80,6 +80,11 @@ class Stepwise:
     steps: int = 1
     every: int = 40
 
+    @property
+    def last_step(self) -> int:
+        """The optimizer step of the last prune step."""
+        return (int(self.steps) - 1) * int(self.every)
+
     def is_update(self, step: int, total_steps: int) -> bool:
         return step % max(int(self.every), 1) == 0 and step // max(int(self.every), 1) < int(self.steps)
 
@@ -87,7 +92,7 @@ class Stepwise:
         if int(self.steps) < 1 or int(self.every) < 1:
             raise PruneLabError(f"prune steps={self.steps}, every={self.every} (method.prune_steps, method.prune_every) "
                                 "must both be positive")
-        last = (int(self.steps) - 1) * int(self.every)
+        last = self.last_step
         if last >= total_steps:
             raise PruneLabError(f"the last of {self.steps} prune steps every {self.every} optimizer steps (step {last}) "
                                 f"falls outside this run's {total_steps} steps; lower method.prune_steps or "
