@@ -32,7 +32,7 @@ def main() -> int:
     from prune_lab.pipeline import build, dense_reference
     from prune_lab.sparsity import ChannelGroups
     from prune_lab.sparsity.importance import Magnitude, TaylorBN
-    from prune_lab.sparsity.latency import table_for_run
+    from prune_lab.sparsity.latency import _digest, table_for_run
     from prune_lab.sparsity.latency_allocation import solve_latency_target
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -141,6 +141,21 @@ def main() -> int:
                                             f"{v['ms_per_gmac']:.1f} ms/GMAC" for k, v in row.items()
                                             if isinstance(v, dict)))
     out["cost_per_block"] = cost
+    # the measured grids themselves (cached, not re-timed): each conv's ms at full input width
+    # against its output channels, where the steps show
+    print("\ncached grid, ms at full input width by output channels (batch 128)")
+    grids = []
+    for name, sig in table.sigs.items():
+        if sig["kind"] != "conv" or sig.get("dw"):
+            continue
+        full = table.grids[_digest(sig)][-1]  # the row at full input width
+        key = (sig["cin"], sig["cout"], tuple(sig["k"]), tuple(sig["stride"]), tuple(sig["hw"]))
+        if key in {g["key"] for g in grids}:
+            continue
+        grids.append({"key": key, "layer": name, "outs": sig["outs"], "ms": full})
+        print(f"  {name:20s} {sig['cin']:3d}->{sig['cout']:3d} k{sig['k'][0]} s{sig['stride'][0]} {sig['hw'][0]}px: "
+              + "  ".join(f"{o}:{m:.3f}" for o, m in zip(sig["outs"], full)))
+    out["grids_full_input"] = [{**g, "key": list(g["key"])} for g in grids]
     if args.out:
         args.out.write_text(json.dumps(out, indent=2))
     return 0
