@@ -3,14 +3,14 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install data test test-slow quickstart summarize bench gpu-wheels clean
+.PHONY: install data test test-slow docs quickstart summarize bench gpu-wheels clean
 
 install: $(BIN)/.installed
 
 $(BIN)/.installed: constraints.txt pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints.txt -e ".[hub,sweep,dev]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[hub,sweep,dev,docs]"
 	touch $@
 
 # Fashion-MNIST, the evidence benchmark's data, from Debian's package (needs root or sudo; the
@@ -26,6 +26,12 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 test: install data
 	$(BIN)/python -m pytest -q -x tests
 	$(BIN)/python -m pytest -q -m "slow and ci" tests
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -q -d site
+
+# The documentation site (mkdocs-material, mkdocs.yml; pages under docs/), built strictly into site/
+# (NO_MKDOCS_2_WARNING silences mkdocs-material's end-of-life banner, which is not a build warning)
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -d site
 
 test-slow: install data
 	$(BIN)/python -m pytest -q -m slow tests
@@ -38,7 +44,7 @@ BENCH_ARGS ?= --quick
 bench: install
 	$(BIN)/python scripts/bench.py $(BENCH_ARGS) --out bench.json
 
-# What scripts/gpu_check.sh installs on a lent GPU machine, which cannot download (pinned versions)
+# What scripts/device/gpu_check.sh installs on a lent GPU machine, which cannot download (pinned versions)
 gpu-wheels: install
 	$(BIN)/pip download -q --no-deps -d .gpu_wheels $$(grep -E '^(hydra-core|omegaconf|antlr4-python3-runtime|torch-pruning)==' constraints.txt)
 

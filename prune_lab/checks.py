@@ -15,7 +15,25 @@ from prune_lab.sparsity import ChannelGroups
 LATENCY_METHODS = ("l1_filter", "halp", "slimming", "iee_channels", "stp")
 
 
+def import_user_modules(cfg: DictConfig) -> None:
+    """`imports=[my_models]`: modules imported before anything is built, so that their
+    `register_model` / `_target_` objects exist (a model, a dataset, a callback of the user's)."""
+    import importlib
+    import os
+    import sys
+
+    if cfg.get("imports") and os.getcwd() not in sys.path:  # `python path/to/train.py` puts only its own folder there
+        sys.path.insert(0, os.getcwd())
+    for name in cfg.get("imports") or []:
+        try:
+            importlib.import_module(str(name))
+        except ImportError as e:
+            raise PruneLabError(f"imports: cannot import {name!r} ({e}); give a module importable from the "
+                                "current directory or PYTHONPATH, e.g. imports=[my_models]") from None
+
+
 def validate(cfg: DictConfig) -> None:
+    import_user_modules(cfg)
     seed = cfg.seed
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise PruneLabError(f"seed={seed} is not a non-negative integer (e.g. seed=0)")

@@ -7,6 +7,7 @@ registered in `loss_terms` as callables `(module, batch, logits) -> tensor`.
 from __future__ import annotations
 
 import inspect
+import logging
 from typing import Callable
 
 import lightning as L
@@ -17,6 +18,8 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from prune_lab.models import classifier_of
 from prune_lab.sparsity import MaskSet
+
+log = logging.getLogger("prune_lab")
 
 
 def _accuracy(num_classes: int, k: int) -> MulticlassAccuracy:
@@ -82,9 +85,27 @@ class PruneLabModule(L.LightningModule):
     def setup(self, stage):
         # after the callbacks' setup (which may shrink or expand the model), before the optimizer
         # and DDP see the parameters; `.to(memory_format=)` keeps the Parameter objects
+        if stage == "fit" and self.channels_last and self._onednn_unsafe_layer() is not None:
+            name, conv = self._onednn_unsafe_layer()
+            log.warning("module.channels_last: training in NCHW instead: %s (a strided 1x1 convolution with %d < 8 "
+                        "input channels, e.g. after a physical shrink) corrupts memory in oneDNN's channels-last CPU "
+                        "backward (PyTorch 2.14 on AVX2 hosts: double free / segfault)", name, conv.in_channels)
+            self.channels_last = False
         if stage == "fit" and self.channels_last:
             self.model.to(memory_format=torch.channels_last)
             self.masks.bind(self.model)
+
+    def _onednn_unsafe_layer(self) -> tuple[str, nn.Conv2d] | None:
+        """The first conv that channels-last training on the CPU must not run: 1x1, stride > 1, fewer than 8
+        input channels (found by bisecting a crash: Conv2d(6, 12, 1, stride=2) on a channels-last input that
+        requires grad aborts the process; 3x3 strided, 1x1 unstrided and >= 8 input channels do not)."""
+        device = getattr(getattr(self, "_trainer", None), "strategy", None)
+        if device is not None and getattr(device, "root_device", torch.device("cpu")).type != "cpu":
+            return None  # cuDNN, not oneDNN
+        for name, m in self.model.named_modules():
+            if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and max(m.stride) > 1 and m.in_channels < 8:
+                return name, m
+        return None
 
     def on_fit_end(self):
         # export, torch.export and safetensors expect the default layout

@@ -172,6 +172,13 @@ def _test(trainer, module, dm) -> dict:
     return {"top1": float(out["test/top1"]), "top5": float(out["test/top5"])}
 
 
+def _validate(trainer, module, dm) -> float:
+    """Top-1 of the final model on the validation split (carved from the training data): what a
+    choice between recipes may read (a study's selection metric), never the test split."""
+    out = trainer.validate(module, datamodule=dm, verbose=False)[0]
+    return float(out["val/top1"])
+
+
 def _evaluate(cfg, dm, model, example) -> dict:
     """Test accuracy of a model that is not trained here (a dense reference given by file)."""
     module = PruneLabModule(model, dm.num_classes, example, build(cfg.module.optimizer))
@@ -274,7 +281,8 @@ def run(cfg: DictConfig) -> dict:
         module.load_state_dict(state)
         module.masks.bind(module.model)
     wall = time.time() - t_fit
-    pruned_metrics = _test(trainer, module, dm)
+    val_top1 = _validate(trainer, module, dm) if dm.val_set is not None else float("nan")
+    pruned_metrics = {**_test(trainer, module, dm), "val_top1": val_top1}
     if "top1" not in dense:  # a dense model given by file: tested now, after everything the method chose
         dense.update(_evaluate(cfg, dm, copy.deepcopy(dense_model), example))
     if not trains and cfg.ckpt_path is None:

@@ -3,13 +3,10 @@
 `conf/study/<name>.yaml` names the overrides every job gets (`base`), the variants (name →
 overrides), the budgets and seeds, the metric, extra columns and the claims. Every job is a
 plain `train.py` run in its own directory, so a study resumes where it stopped (a job with a
-results.json is skipped) and any job can be re-run or inspected by hand. The verdict of a claim
-"A op B" is computed from the per-seed differences A − B (the variants of one seed share the
-dense reference, so the pairing removes the seed's luck): their mean, the 95 % t-interval, and
-
-    op ">":  holds if the interval lies above 0, contradicted if below 0, else within noise
-    op ">=": holds if the interval lies above −margin (A is at worst `margin` below B),
-             contradicted if it lies below −margin, else within noise
+results.json is skipped) and any job can be re-run or inspected by hand. A claim "A op B" is
+judged from the per-seed differences A − B (prune_lab/verdicts.py: the vocabulary, margins in
+points, primary claims with Holm's adjustment); the report (tables, plots, verdicts.json) is
+written by prune_lab/study_report.py.
 """
 from __future__ import annotations
 
@@ -25,11 +22,12 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from prune_lab.errors import PruneLabError
+from prune_lab.verdicts import DEFAULT_MARGIN, OPS
 
 ROOT = Path(__file__).resolve().parent.parent
 STUDY_DIR = ROOT / "conf" / "study"
-OPS = (">", ">=")
-VERDICTS = ("holds", "within noise", "contradicted")
+MAX_PRIMARY = 3
+TEXT_COLUMNS = ("variant", "config", "cpu_isa")  # the table.csv columns that are not numbers
 
 
 def slug(name: str) -> str:
@@ -42,11 +40,14 @@ class Claim:
     b: str
     op: str = ">"
     budget: float | None = None  # None: judged at every budget of the study
-    margin: float = 0.0
+    margin: float = DEFAULT_MARGIN  # points of the metric (top-1 in %)
+    primary: bool = False  # a headline claim of the paper: >= 5 seeds, Holm-adjusted
+    why: str = ""  # the one-line justification a margin above the default needs
 
     def text(self, budget: float) -> str:
-        tail = f" (margin {self.margin:g})" if self.op == ">=" and self.margin else ""
-        return f"{self.a} {self.op} {self.b} at budget {budget:g}{tail}"
+        words = {">": "better than", ">=": "not worse than", "==": "equivalent to"}[self.op]
+        tail = f" (margin {self.margin:g})" if self.op != ">" else ""
+        return f"{self.a} {words} {self.b} at budget {budget:g}{tail}"
 
 
 @dataclass(frozen=True)
@@ -75,9 +76,13 @@ class Study:
     claims: list[Claim] = field(default_factory=list)
     # variants run at some budgets only (a diagnosis at one budget): variant -> its budgets
     only: dict[str, list[float]] = field(default_factory=dict)
+    # variants run on some seeds only (exploratory rows on 3 seeds beside 5-seed primaries)
+    only_seeds: dict[str, list[int]] = field(default_factory=dict)
+    paradigm: str = ""  # the row label in the generated results ("structured channels", ...)
 
-    def runs_at(self, variant: str, budget: float) -> bool:
-        return variant not in self.only or budget in self.only[variant]
+    def runs_at(self, variant: str, budget: float, seed: int | None = None) -> bool:
+        return (variant not in self.only or budget in self.only[variant]) and \
+            (seed is None or variant not in self.only_seeds or seed in self.only_seeds[variant])
 
     def config_hash(self, variant: str) -> str:
         """Hash of the overrides a variant's jobs get: editing a variant re-runs it instead of reusing old jobs."""
@@ -91,7 +96,7 @@ class Study:
         """Seed-major order: the first job of each seed trains (and caches) that seed's dense reference."""
         return [Job(v, b, s, (*self.base, *ov, f"budget={b}", f"seed={s}"),
                     self.variant_dir(out, v) / f"b{b:g}_s{s}")
-                for s in self.seeds for v, ov in self.variants.items() for b in self.budgets if self.runs_at(v, b)]
+                for s in self.seeds for v, ov in self.variants.items() for b in self.budgets if self.runs_at(v, b, s)]
 
 
 def _fail(name: str, problem: str) -> PruneLabError:
@@ -109,16 +114,22 @@ def load_study(name_or_path: str, seeds: list[int] | None = None, budgets: list[
         raise PruneLabError(f"unknown study '{name_or_path}'; choose one of: {known}")
     raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
     name = path.stem
-    unknown = set(raw) - {"description", "base", "variants", "budgets", "seeds", "metric", "columns", "claims"}
+    unknown = set(raw) - {"description", "paradigm", "base", "variants", "budgets", "seeds", "metric", "columns",
+                          "claims"}
     if unknown:
         raise _fail(name, f"unknown keys {sorted(unknown)}")
-    # a variant is a list of overrides, or {overrides: [...], budgets: [...]} to run at those budgets only
-    variants, only = {}, {}
+    # a variant is a list of overrides, or {overrides: [...], budgets: [...], seeds: [...]} to run at
+    # those budgets / on those seeds only
+    variants, only, only_seeds = {}, {}, {}
     for k, v in (raw.get("variants") or {}).items():
         if isinstance(v, dict):
-            if set(v) - {"overrides", "budgets"} or not v.get("budgets"):
-                raise _fail(name, f"variant {k!r}: give a list of overrides or {{overrides: [...], budgets: [...]}}")
-            only[str(k)] = [float(b) for b in v["budgets"]]
+            if set(v) - {"overrides", "budgets", "seeds"} or not (v.get("budgets") or v.get("seeds")):
+                raise _fail(name, f"variant {k!r}: give a list of overrides or "
+                                  "{overrides: [...], budgets: [...], seeds: [...]}")
+            if v.get("budgets"):
+                only[str(k)] = [float(b) for b in v["budgets"]]
+            if v.get("seeds"):
+                only_seeds[str(k)] = [int(x) for x in v["seeds"]]
             v = v.get("overrides")
         variants[str(k)] = [str(o) for o in (v or [])]
     if not variants:
@@ -131,23 +142,37 @@ def load_study(name_or_path: str, seeds: list[int] | None = None, budgets: list[
                   budgets=[float(b) for b in (budgets or raw.get("budgets") or [])],
                   seeds=[int(s) for s in (seeds if seeds is not None else raw.get("seeds") or [0, 1, 2])],
                   metric=str(raw.get("metric", "pruned.top1")),
-                  columns={str(k): str(v) for k, v in (raw.get("columns") or {}).items()}, only=only)
+                  columns={str(k): str(v) for k, v in (raw.get("columns") or {}).items()}, only=only,
+                  only_seeds=only_seeds, paradigm=str(raw.get("paradigm", "")))
     if not study.budgets or any(not 0.0 <= b < 1.0 for b in study.budgets):
         raise _fail(name, f"budgets={study.budgets} must be a non-empty list of fractions in [0, 1)")
     if not study.seeds or any(s < 0 for s in study.seeds) or len(set(study.seeds)) != len(study.seeds):
         raise _fail(name, f"seeds={study.seeds} must be distinct non-negative integers")
     for c in raw.get("claims") or []:
+        unknown = set(c) - {"a", "b", "op", "budget", "margin", "primary", "why"}
+        if unknown:
+            raise _fail(name, f"claim {c}: unknown keys {sorted(unknown)}; a claim has a, b, op, budget, margin, "
+                              "primary, why")
         claim = Claim(a=str(c.get("a")), b=str(c.get("b")), op=str(c.get("op", ">")),
                       budget=None if c.get("budget") is None else float(c["budget"]),
-                      margin=float(c.get("margin", 0.0)))
+                      margin=float(c.get("margin", DEFAULT_MARGIN)), primary=bool(c.get("primary", False)),
+                      why=str(c.get("why", "")))
         for side in (claim.a, claim.b):
             if side not in variants:
                 raise _fail(name, f"claim names variant {side!r}; variants are: {', '.join(variants)}")
         if claim.op not in OPS:
             raise _fail(name, f"claim op {claim.op!r} is not one of: {', '.join(OPS)}")
-        if claim.margin < 0:
-            raise _fail(name, f"claim margin {claim.margin} must be >= 0")
+        if claim.margin <= 0:
+            raise _fail(name, f"claim margin {claim.margin} must be > 0 points")
+        if claim.margin > DEFAULT_MARGIN and not claim.why:
+            raise _fail(name, f"claim {claim.a!r} vs {claim.b!r}: margin {claim.margin:g} points is above the default "
+                              f"{DEFAULT_MARGIN:g}; give its one-line justification as why: ...")
         study.claims.append(claim)
+    primaries = sum(c.primary for c in study.claims if c.budget is not None) + \
+        sum(len(study.budgets) for c in study.claims if c.primary and c.budget is None)
+    if primaries > MAX_PRIMARY:
+        raise _fail(name, f"{primaries} primary claims; a study has at most {MAX_PRIMARY} (the paper's headline "
+                          "claims), every other claim is exploratory")
     return study
 
 
@@ -187,22 +212,6 @@ def lookup(results: dict, dotted: str) -> float:
         return float("nan")
 
 
-def paired_verdict(diffs: list[float], op: str, margin: float = 0.0) -> dict:
-    """Mean of the seed-paired differences, its 95 % t-interval and the verdict (module docstring)."""
-    from scipy import stats
-
-    n = len(diffs)
-    if n < 2:
-        return {"n": n, "mean": diffs[0] if diffs else float("nan"), "ci95": [float("nan")] * 2,
-                "verdict": "not enough seeds"}
-    mean = statistics.fmean(diffs)
-    half = float(stats.t.ppf(0.975, n - 1)) * statistics.stdev(diffs) / math.sqrt(n)
-    lo, hi = mean - half, mean + half
-    bound = 0.0 if op == ">" else -margin
-    verdict = "holds" if lo > bound else "contradicted" if hi < bound else "within noise"
-    return {"n": n, "mean": mean, "ci95": [lo, hi], "verdict": verdict}
-
-
 def carried_rows(study: Study, report: Path) -> dict[tuple[str, float, int], dict]:
     """Rows of an earlier report (its table.csv) whose variant still has the same overrides.
 
@@ -219,8 +228,9 @@ def carried_rows(study: Study, report: Path) -> dict[tuple[str, float, int], dic
             variant = row.get("variant")
             if variant not in study.variants or row.get("config") != study.config_hash(variant):
                 continue
-            parsed = {k: (v if k in ("variant", "config") else int(v) if k == "seed" else float(v or "nan"))
+            parsed = {k: (v if k in TEXT_COLUMNS else int(v) if k == "seed" else float(v or "nan"))
                       for k, v in row.items() if k is not None}
+            parsed.setdefault("cpu_isa", "")  # a table written before the column: the kind is not known
             for label in study.columns:  # a column added to the study since: unknown for the old rows
                 parsed.setdefault(label, float("nan"))
             carried[(variant, parsed["budget"], parsed["seed"])] = parsed
@@ -244,7 +254,8 @@ def collect(study: Study, out: Path, carried: dict | None = None) -> list[dict]:
                "metric": lookup(r, study.metric), "dense_top1": lookup(r, "dense.top1"),
                "flops_reduction": lookup(r, "pruned.flops_reduction"),
                "params_reduction": lookup(r, "pruned.params_reduction"),
-               "train_wall_s": lookup(r, "train.total_wall_s")}
+               "train_wall_s": lookup(r, "train.total_wall_s"), "val_top1": lookup(r, "pruned.val_top1"),
+               "cpu_isa": str(r.get("env", {}).get("cpu_isa", ""))}
         row.update({label: lookup(r, key) for label, key in study.columns.items()})
         rows.append(row)
     # rows of budgets or seeds outside this selection (`--budgets 0.5` on a study whose report holds
@@ -262,85 +273,54 @@ def covering(study: Study, rows: list[dict]) -> Study:
                    seeds=sorted({*study.seeds, *(r["seed"] for r in rows)}))
 
 
+def scale(metric: str) -> float:
+    """Points per unit of the metric: top-1/top-5 are fractions, reported in percentage points."""
+    return 100.0 if metric.endswith(("top1", "top5")) else 1.0
+
+
+def _not_run(claim: Claim) -> dict:
+    return {"n": 0, "primary": claim.primary, "label": "primary" if claim.primary else "exploratory",
+            "mean": float("nan"), "ci95": [float("nan")] * 2, "p": float("nan"),
+            "raw_verdict": "budget not run", "verdict": "budget not run", "judged": False}
+
+
 def verdicts(study: Study, rows: list[dict]) -> list[dict]:
-    value = {(r["variant"], r["budget"], r["seed"]): r["metric"] for r in rows}
+    """Every claim at each of its budgets, judged on the seeds both variants have (verdicts.py).
+
+    A seed pairs only if A's and B's rows share their dense reference (same dense top-1) and CPU
+    kind (where recorded): a difference across references or kinds is not seed-paired; such seeds
+    are listed under `excluded`, with the reason.
+    """
+    from prune_lab.verdicts import adjust, judge
+
+    pts = scale(study.metric)
+    row = {(r["variant"], r["budget"], r["seed"]): r for r in rows}
     out = []
     for claim in study.claims:
         for budget in [claim.budget] if claim.budget is not None else study.budgets:
-            seeds = [s for s in study.seeds if (claim.a, budget, s) in value and (claim.b, budget, s) in value]
-            diffs = [value[(claim.a, budget, s)] - value[(claim.b, budget, s)] for s in seeds]
+            seeds, excluded = [], {}
+            for s in study.seeds:
+                ra, rb = row.get((claim.a, budget, s)), row.get((claim.b, budget, s))
+                if ra is None or rb is None:
+                    continue
+                da, db = ra["dense_top1"], rb["dense_top1"]
+                if da == da and db == db and da != db:  # both known (NaN: not recorded) and different
+                    excluded[str(s)] = "different dense references"
+                elif ra.get("cpu_isa") and rb.get("cpu_isa") and ra["cpu_isa"] != rb["cpu_isa"]:
+                    excluded[str(s)] = f"different CPU kinds ({ra['cpu_isa']}, {rb['cpu_isa']})"
+                else:
+                    seeds.append(s)
+            diffs = [pts * (row[(claim.a, budget, s)]["metric"] - row[(claim.b, budget, s)]["metric"]) for s in seeds]
             run = budget in study.budgets and study.runs_at(claim.a, budget) and study.runs_at(claim.b, budget)
-            v = paired_verdict(diffs, claim.op, claim.margin) if run else \
-                {"n": 0, "mean": float("nan"), "ci95": [float("nan")] * 2, "verdict": "budget not run"}
-            out.append({"claim": claim.text(budget), "a": claim.a, "b": claim.b, "op": claim.op,
-                        "budget": budget, "margin": claim.margin, "metric": study.metric, "seeds": seeds,
-                        "diffs": diffs, **v})
+            v = judge(diffs, claim.op, claim.margin, claim.primary) if run else _not_run(claim)
+            kinds = sorted({str(row[(side, budget, s)].get("cpu_isa") or "unknown")
+                            for s in seeds for side in (claim.a, claim.b)})
+            out.append({"claim": claim.text(budget), "a": claim.a, "b": claim.b, "op": claim.op, "budget": budget,
+                        "margin": claim.margin, "margin_why": claim.why,
+                        "units": "points" if pts == 100 else study.metric, "metric": study.metric,
+                        "seeds": seeds, "excluded": excluded, "cpu": kinds, "diffs": diffs, **v})
+    adjust(out, lambda r: r["diffs"])
     return out
-
-
-# -- report -------------------------------------------------------------------------------------
-def _mean_std(values: list[float], scale: float) -> str:
-    values = [v for v in values if v == v]  # NaN: the column does not apply
-    if not values:
-        return "–"
-    mean, std = scale * statistics.fmean(values), scale * (statistics.stdev(values) if len(values) > 1 else 0.0)
-    digits = 2 if abs(mean) >= 0.1 or mean == 0 else 4  # small quantities (a loss change) keep their digits
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
-
-
-def write_report(study: Study, rows: list[dict], report: Path) -> list[dict]:
-    """table.md, table.csv (one row per job: the verdicts can be recomputed from it), verdicts.json, plot.png."""
-    report.mkdir(parents=True, exist_ok=True)
-    judged = verdicts(study, rows)
-    fields = ["variant", "budget", "seed", "config", "metric", "dense_top1", "flops_reduction", "params_reduction",
-              "train_wall_s", *study.columns]
-    with open(report / "table.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
-    pct = 100.0 if study.metric.endswith(("top1", "top5")) else 1.0
-    head = ["variant", "budget", f"{study.metric}{' (%)' if pct == 100 else ''}", "FLOPs red. (%)",
-            "params red. (%)", *study.columns, "seeds"]
-    lines = [f"# Study `{study.name}`", "", study.description, "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for budget in study.budgets:
-        for variant in study.variants:
-            sel = [r for r in rows if r["variant"] == variant and r["budget"] == budget]
-            if not sel and not study.runs_at(variant, budget):
-                continue
-            cells = [variant, f"{budget:g}", _mean_std([r["metric"] for r in sel], pct),
-                     _mean_std([r["flops_reduction"] for r in sel], 100), _mean_std([r["params_reduction"] for r in sel], 100)]
-            cells += [_mean_std([r[c] for r in sel], 1.0) for c in study.columns]
-            lines.append("| " + " | ".join([*cells, str(len(sel))]) + " |")
-    dense = {r["seed"]: r["dense_top1"] for r in rows}
-    lines += ["", f"Dense reference top-1: {_mean_std(list(dense.values()), 100)} % over seeds "
-                  f"{sorted(dense)}. Mean ± std over seeds.", ""]
-    # carried rows (an earlier session's jobs) pair with fresh ones only if the dense reference is the same
-    mixed = False
-    for budget in study.budgets:
-        for seed in study.seeds:
-            refs = {r["dense_top1"] for r in rows if r["seed"] == seed and r["budget"] == budget and r["dense_top1"] == r["dense_top1"]}
-            if len(refs) > 1:
-                mixed = True
-                lines += [f"Warning: at budget {budget:g} the rows of seed {seed} have different dense references "
-                          f"(top-1 {', '.join(f'{100 * v:.2f}' for v in sorted(refs))} %): their pairing is not exact.", ""]
-    if judged:
-        lines += ["| claim | seeds | mean difference | 95 % CI | verdict |", "|---|---|---|---|---|"]
-        for v in judged:
-            lo, hi = v["ci95"]
-            lines.append(f"| {v['claim']} | {v['n']} | {pct * v['mean']:+.2f} | "
-                         f"[{pct * lo:+.2f}, {pct * hi:+.2f}] | **{v['verdict']}** |")
-        pairing = ("some seeds' rows come from different dense references, see the warnings above" if mixed
-                   else "each seed's variants share one dense reference")
-        lines += ["", f"Differences of {study.metric}{' in points' if pct == 100 else ''}, paired by seed "
-                      f"({pairing}); 95 % t-interval over seeds.", ""]
-    (report / "table.md").write_text("\n".join(lines))
-    (report / "verdicts.json").write_text(json.dumps(judged, indent=2))
-    if rows:
-        from prune_lab.study_plots import plot
-
-        plot(study, rows, report / "plot.png", pct)
-    return judged
 
 
 # -- running ------------------------------------------------------------------------------------

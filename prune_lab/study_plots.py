@@ -100,3 +100,35 @@ def curves(study, jobs, path: Path, key: str = "val/top1") -> int:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return sum(n for n, _ in means.values())
+
+
+def forest(name: str, judged: list[dict], path: Path) -> None:
+    """Every claim's seed-paired difference with its 95 % interval, lines at 0 and at −margin:
+    the differences that decide the verdicts, on their own scale (plot.png's axis spans every variant)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [v for v in judged if v["mean"] == v["mean"]]
+    if not shown:
+        return
+    fig, ax = plt.subplots(figsize=(8.5, 0.9 + 0.38 * len(shown)))
+    for i, v in enumerate(reversed(shown)):
+        lo, hi = v["ci95"]
+        color = {"better": "tab:green", "worse": "tab:red", "not worse": "tab:blue",
+                 "equivalent": "tab:blue"}.get(v["verdict"], "gray")
+        ax.errorbar(v["mean"], i, xerr=[[v["mean"] - lo], [hi - v["mean"]]], fmt="D" if v["primary"] else "o",
+                    color=color, capsize=3, ms=6 if v["primary"] else 4)
+        if v["op"] != ">":
+            ax.plot([-v["margin"]] * 2, [i - 0.4, i + 0.4], color="tab:orange", lw=1.5)
+    ax.axvline(0, color="black", lw=1)
+    ax.set_yticks(range(len(shown)))
+    ax.set_yticklabels([f"{'[P] ' if v['primary'] else ''}{v['claim']} — {v['verdict']}"[:95] for v in reversed(shown)],
+                       fontsize=7)
+    ax.set_xlabel(f"{shown[0]['units']}: A − B, mean and 95 % interval over seeds (orange tick: −margin)")
+    ax.set_title(f"study {name}: claims ([P] primary, diamonds)", fontsize=9)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -3,12 +3,12 @@
     python scripts/bench.py --quick --out bench.json     # < 5 min on 2 CPU cores
     python scripts/bench.py --out bench.json             # full: more repeats, ResNet-50 training too
     python scripts/bench.py --device cuda --amp bf16 --compile    # on a GPU: bf16 autocast, torch.compile
-    python scripts/bench.py --only latency --latency-target 0.5 --out bench_latency.json   # issue 18 alone
+    python scripts/bench.py --only latency --latency-target 0.5 --out bench_latency.json   # the latency-target bench alone
     python scripts/bench.py --only nm --device cuda --out bench_nm.json   # 2:4 semi-structured kernels vs dense (GPU)
 
 Every figure is a ratio against a baseline measured in the same process, from medians over
 interleaved repeats (dense, masked, dense, masked, ...), so slow drift of the machine cancels.
-Keys (issue 8 contract): train_overhead_ratio, update_cost_fraction, speedup_fraction_of_ideal,
+Keys (the benchmark contract): train_overhead_ratio, update_cost_fraction, speedup_fraction_of_ideal,
 torch_pruning_speedup_fraction_of_ideal, peak_memory_ratio, plus search costs and details.
 The pieces live in prune_lab/bench/.
 """
@@ -45,7 +45,7 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=224, help="ResNet-50 input size of the speed-up benchmarks")
     ap.add_argument("--only", choices=("latency", "nm"), help="run only this section (latency: the latency-target "
                     "one; nm: 2:4 through PyTorch's semi-structured sparse kernels, CUDA only)")
-    lat = ap.add_argument_group("latency target (issue 18): ResNet-50 pruned to a measured latency budget, "
+    lat = ap.add_argument_group("latency target: ResNet-50 pruned to a measured latency budget, "
                                 "batch 1 and 16, served on CPU, against torch-pruning's uniform at equal latency")
     lat.add_argument("--latency-target", type=float, help="fraction of the dense latency to remove (default with "
                                                           "--only latency: 0.5; otherwise the section is skipped)")

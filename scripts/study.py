@@ -6,6 +6,8 @@
     python scripts/study.py dst --budgets 0.95 --variants RigL IEE   # part of it first
     python scripts/study.py dst --dry-run                 # list the jobs and what is finished
     python scripts/study.py dst --report-only             # tables from the finished jobs, run nothing
+    python scripts/study.py latency --from-table --report docs/studies/latency_avx512   # re-judge a committed table
+    python scripts/study.py --summary                     # docs/results.md + README block from every verdicts.json
 
 Jobs are ordinary train.py runs in outputs/studies/<name>/jobs/<variant>-<hash>/b<budget>_s<seed>/;
 a job with a results.json is skipped, one with a checkpoint resumes, so an interrupted study is
@@ -25,14 +27,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from prune_lab.errors import PruneLabError  # noqa: E402
-from prune_lab.study import (carried_rows, check_overrides, collect, covering, load_study, run_jobs,  # noqa: E402
-                             write_report)
+from prune_lab.study import carried_rows, check_overrides, collect, covering, load_study, run_jobs  # noqa: E402
+from prune_lab.study_report import write_report  # noqa: E402
 from prune_lab.study_plots import curves  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("study", help="a name in conf/study/ or a path to a study yaml")
+    ap.add_argument("study", nargs="?", help="a name in conf/study/ or a path to a study yaml")
     ap.add_argument("--jobs", type=int, default=2, help="jobs run at a time (default 2)")
     ap.add_argument("--threads", type=int, default=1, help="threads per job (OMP_NUM_THREADS, default 1)")
     ap.add_argument("--seeds", type=int, nargs="+", help="replace the study's seeds (re-checks)")
@@ -45,9 +47,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report", type=Path, help="where tables and plot go (default: the job folder root)")
     ap.add_argument("--dry-run", action="store_true", help="list the jobs; run nothing")
     ap.add_argument("--report-only", action="store_true", help="write the report from finished jobs; run nothing")
+    ap.add_argument("--from-table", action="store_true", help="re-judge from the report's committed table.csv "
+                    "alone (no job folders read; implies --report-only)")
+    ap.add_argument("--summary", action="store_true", help="write docs/results.md and the README's results block "
+                    "from every docs/studies/*/verdicts.json; run nothing")
     ap.add_argument("--fresh", action="store_true", help="run every job without a results.json, ignoring the rows "
                     "of the report's table.csv")
     args = ap.parse_args(argv)
+    if args.summary:
+        from prune_lab.results_summary import write_summary
+
+        for path in write_summary(ROOT):
+            print(f"wrote {path}")
+        return 0
+    if not args.study:
+        ap.error("name a study (or --summary)")
+    args.report_only = args.report_only or args.from_table
     try:
         study = load_study(args.study, seeds=args.seeds, budgets=args.budgets, extra=args.extra)
         unknown = sorted(set(args.variants or []) - set(study.variants))
@@ -62,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     suffix = "-" + hashlib.sha1(" ".join(args.extra).encode()).hexdigest()[:6] if args.extra else ""
     out = args.out or ROOT / "outputs" / "studies" / f"{study.name}{suffix}"
     report = args.report or out
+    if args.from_table:
+        out = report / ".no-jobs"  # never created: every row comes from the table
     jobs = [j for j in study.jobs(out) if not args.variants or j.variant in args.variants]
     carried = {} if args.fresh else carried_rows(study, report)
     is_carried = [not j.done and (j.variant, j.budget, j.seed) in carried for j in jobs]

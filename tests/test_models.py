@@ -270,3 +270,29 @@ def test_model_configs_instantiate(config: str) -> None:
     model = instantiate(cfg, num_classes=10, in_channels=3)
     assert classifier_of(model)[1].out_features == 10  # forward passes are covered above
     assert model.prune_lab_spec["name"] == cfg.name and model.prune_lab_spec["source"] == cfg.source
+
+
+def test_imports_registers_a_users_model_before_the_run_builds_it(tmp_path, monkeypatch):
+    """`imports=[module]` makes a model registered in the user's own file buildable by name; a module
+    that does not import is one line naming it."""
+    from omegaconf import OmegaConf
+
+    from prune_lab.checks import import_user_modules
+    from prune_lab.errors import PruneLabError
+    from prune_lab.models import create_model, list_models
+
+    (tmp_path / "my_models_for_test.py").write_text(
+        "import torch.nn as nn\n"
+        "from prune_lab.models import register_model\n"
+        "@register_model('my_tiny_net')\n"
+        "def my_tiny_net(num_classes, in_channels, width=4):\n"
+        "    return nn.Sequential(nn.Conv2d(in_channels, width, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1),\n"
+        "                         nn.Flatten(), nn.Linear(width, num_classes))\n")
+    monkeypatch.chdir(tmp_path)
+    assert "my_tiny_net" not in list_models()
+    import_user_modules(OmegaConf.create({"imports": ["my_models_for_test"]}))
+    model = create_model("my_tiny_net", num_classes=7, in_channels=1, width=5)
+    assert model[-1].out_features == 7 and model[0].out_channels == 5
+    with pytest.raises(PruneLabError, match="imports: cannot import 'no_such_module_x'") as err:
+        import_user_modules(OmegaConf.create({"imports": ["no_such_module_x"]}))
+    assert "\n" not in str(err.value)

@@ -6,6 +6,7 @@ from functools import partial
 import lightning as L
 import pytest
 import torch
+from torch import nn
 
 from prune_lab.callbacks import MaskUpdate
 from prune_lab.data import DigitsDataModule
@@ -84,3 +85,26 @@ def test_channels_last_is_ignored_for_non_image_inputs():
                             channels_last=True)
     assert module.channels_last is False
 
+
+
+def test_channels_last_is_turned_off_for_a_strided_1x1_conv_with_few_input_channels(caplog):
+    """oneDNN's channels-last CPU backward of Conv2d(c<8, ., 1, stride=2) corrupts the heap (bisected on
+    PyTorch 2.14.1, AVX2); a shrunk ResNet has such shortcuts. Training then stays NCHW, with one warning;
+    a model without such a layer keeps channels-last."""
+    import logging
+
+    from prune_lab.module import PruneLabModule
+
+    def module_for(width_in):
+        net = nn.Sequential(nn.Conv2d(1, width_in, 3, padding=1), nn.Conv2d(width_in, 16, 1, stride=2),
+                            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+        return PruneLabModule(net, 10, torch.zeros(1, 1, 8, 8), lambda p: torch.optim.SGD(p, lr=0.1),
+                              channels_last=True)
+
+    unsafe = module_for(6)
+    with caplog.at_level(logging.WARNING, logger="prune_lab"):
+        unsafe.setup("fit")
+    assert not unsafe.channels_last and "training in NCHW instead: 1 " in caplog.text
+    safe = module_for(8)
+    safe.setup("fit")
+    assert safe.channels_last and safe.model[1].weight.is_contiguous(memory_format=torch.channels_last)

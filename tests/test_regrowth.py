@@ -392,7 +392,7 @@ def test_iee_growing_does_not_raise_the_training_loss(seed):
     does not raise the loss compared with inserting the same units at zero, averaged over the
     training set and the run's grows (within 1e-3 of a loss of ~2.2: early in training the
     last-active values are small). Explored values fail it at 98 % sparsity: see
-    scripts/iee_grow_probe.py and the README's DST section."""
+    scripts/probes/iee_grow_probe.py and the README's DST section."""
     dm = DigitsDataModule(image_size=8, batch_size=64, seed=seed)
     dm.setup("fit")
     batches = list(torch.utils.data.DataLoader(dm.train_set, batch_size=512))

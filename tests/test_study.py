@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from prune_lab.errors import PruneLabError
-from prune_lab.study import (STUDY_DIR, Claim, Study, carried_rows, collect, covering, load_study, paired_verdict,
-                             verdicts, write_report)
+from prune_lab.study import STUDY_DIR, Claim, Study, carried_rows, collect, covering, load_study, verdicts
+from prune_lab.study_report import write_report
+from prune_lab.verdicts import interval, judge
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,7 +32,9 @@ def test_every_shipped_study_loads_and_composes():
     assert "quickstart" in names
     for name in names:
         study = load_study(name)
-        assert study.claims or name == "quickstart", name
+        # a study states claims, unless it is a selection (a schedule chosen on validation data, not a claim)
+        assert study.claims or study.description.startswith("Selection"), name
+        assert sum(c.primary for c in study.claims) <= 3, name
         check_overrides(study)  # every variant composes with the real config
 
 
@@ -79,52 +82,70 @@ def independent_t_interval(diffs):
     return mean - lo * sd / math.sqrt(n), mean + lo * sd / math.sqrt(n)
 
 
-@pytest.mark.parametrize("diffs, op, margin, verdict", [
-    ([0.02, 0.025, 0.03], ">", 0, "holds"),
-    ([-0.02, -0.025, -0.03], ">", 0, "contradicted"),
-    ([0.02, -0.01, 0.005], ">", 0, "within noise"),
-    ([-0.001, -0.002, 0.0005], ">=", 0.005, "holds"),       # at worst 0.5 points below: non-inferior
-    ([-0.02, -0.021, -0.019], ">=", 0.005, "contradicted"),
-    ([0.01, -0.03, 0.0], ">=", 0.005, "within noise"),
+@pytest.mark.parametrize("diffs, op, margin, verdict", [  # differences and margins in points
+    ([2.0, 2.5, 3.0], ">", 0.25, "better"),
+    ([-2.0, -2.5, -3.0], ">", 0.25, "worse"),
+    ([2.0, -1.0, 0.5], ">", 0.25, "within noise"),
+    ([-0.1, -0.2, 0.05], ">=", 0.5, "not worse"),      # at worst 0.5 points below: non-inferior
+    ([-2.0, -2.1, -1.9], ">=", 0.5, "worse"),
+    ([1.0, -3.0, 0.0], ">=", 0.5, "within noise"),
+    ([0.05, -0.05, 0.0], "==", 0.25, "equivalent"),
 ])
 def test_paired_verdicts(diffs, op, margin, verdict):
-    v = paired_verdict(diffs, op, margin)
+    v = judge(diffs, op, margin, primary=False)
     lo, hi = independent_t_interval(diffs)
     assert v["ci95"] == pytest.approx([lo, hi], abs=1e-9)
+    assert list(interval(diffs)[1:]) == pytest.approx([lo, hi], abs=1e-9)
     assert v["mean"] == pytest.approx(statistics.fmean(diffs))
-    assert v["verdict"] == verdict
+    assert v["verdict"] == v["raw_verdict"] == verdict and v["judged"] and v["n"] == 3
+    assert v["label"] == "exploratory"
 
 
-def test_one_seed_gives_no_verdict():
-    assert paired_verdict([0.1], ">")["verdict"] == "not enough seeds"
+def test_too_few_seeds_give_no_verdict():
+    one = judge([0.1], ">", 0.25, primary=False)
+    assert one["verdict"] == one["raw_verdict"] == "needs 2 more seeds" and not one["judged"]
+    assert math.isnan(one["mean"]) and math.isnan(one["p"])
+    two = judge([5.0, 5.1], ">", 0.25, primary=False)  # a clear difference, but an exploratory claim needs 3 seeds
+    assert two["verdict"] == "needs 1 more seed" and not two["judged"]
+    assert two["mean"] == pytest.approx(5.05)  # the interval is still reported
+    assert judge([5.0, 5.1, 5.2], ">", 0.25, primary=True)["verdict"] == "needs 2 more seeds"
 
 
 def test_verdicts_pair_by_seed_and_recompute_from_table_csv(tmp_path):
     study = Study(name="t", description="d", base=[], variants={"A": [], "B": []}, budgets=[0.5, 0.9],
                   seeds=[0, 1, 2], claims=[Claim("A", "B", ">", None)])
-    # B is better on average but A beats B on every seed: only pairing sees it
+    # B is better on average but A beats B on every seed (by 1.0, 1.1, 1.2 points): only pairing sees it
     rows = []
     for s, base in enumerate([0.70, 0.90, 0.80]):
         for b in (0.5, 0.9):
-            rows += [dict(variant="A", budget=b, seed=s, metric=base + 0.01, dense_top1=0.9, flops_reduction=b,
-                          params_reduction=b, train_wall_s=1.0),
+            rows += [dict(variant="A", budget=b, seed=s, metric=base + 0.01 + s / 1000, dense_top1=0.9,
+                          flops_reduction=b, params_reduction=b, train_wall_s=1.0),
                      dict(variant="B", budget=b, seed=s, metric=base, dense_top1=0.9, flops_reduction=b,
                           params_reduction=b, train_wall_s=1.0)]
     rows = [r for r in rows if not (r["variant"] == "B" and r["seed"] == 2 and r["budget"] == 0.9)]  # a missing job
     judged = write_report(study, rows, tmp_path)
-    assert [v["claim"] for v in judged] == ["A > B at budget 0.5", "A > B at budget 0.9"]
-    assert judged[0]["verdict"] == "holds" and judged[0]["seeds"] == [0, 1, 2]
+    assert [v["claim"] for v in judged] == ["A better than B at budget 0.5", "A better than B at budget 0.9"]
+    assert judged[0]["verdict"] == "better" and judged[0]["seeds"] == [0, 1, 2]
+    assert judged[0]["diffs"] == pytest.approx([1.0, 1.1, 1.2])  # points: top-1 fractions times 100
+    assert judged[0]["units"] == "points" and judged[0]["excluded"] == {}
     assert judged[1]["seeds"] == [0, 1]  # only seeds with both variants are paired
+    assert judged[1]["verdict"] == "needs 1 more seed" and judged[1]["mean"] == pytest.approx(1.05)
     # recompute from table.csv alone
     table = list(csv.DictReader(open(tmp_path / "table.csv")))
+    assert list(table[0])[:7] == ["variant", "budget", "seed", "config", "cpu_isa", "metric", "val_top1"]
+    assert table[0]["cpu_isa"] == "" and table[0]["val_top1"] == ""  # rows without the keys: empty cells
     for v in judged:
         value = {(r["variant"], r["seed"]): float(r["metric"]) for r in table if float(r["budget"]) == v["budget"]}
-        diffs = [value[("A", str(s))] - value[("B", str(s))] for s in (0, 1, 2)
+        diffs = [100 * (value[("A", str(s))] - value[("B", str(s))]) for s in (0, 1, 2)
                  if ("A", str(s)) in value and ("B", str(s)) in value]
-        assert paired_verdict(diffs, ">")["ci95"] == pytest.approx(v["ci95"])
-    assert json.loads((tmp_path / "verdicts.json").read_text())[0]["verdict"] == "holds"
-    assert "**holds**" in (tmp_path / "table.md").read_text()
-    assert (tmp_path / "plot.png").stat().st_size > 1000
+        assert judge(diffs, ">", 0.25, primary=False)["ci95"] == pytest.approx(v["ci95"])
+    data = json.loads((tmp_path / "verdicts.json").read_text())
+    assert isinstance(data, dict) and data["schema"] == 2 and data["study"] == "t" and data["metric"] == "pruned.top1"
+    assert data["seeds"] == [0, 1, 2] and data["cpu"] == ["unknown"]
+    assert [c["verdict"] for c in data["claims"]] == ["better", "needs 1 more seed"]
+    text = (tmp_path / "table.md").read_text()
+    assert "**better**" in text and "**needs 1 more seed**" in text
+    assert (tmp_path / "plot.png").stat().st_size > 1000 and (tmp_path / "forest.png").stat().st_size > 1000
 
 
 def test_a_study_continues_from_its_committed_table_and_reruns_edited_variants(tmp_path):
@@ -169,12 +190,16 @@ claims:
     path.write_text(path.read_text().replace("B: [method=random]", "B: [method=random, epochs=2]"))
     assert set(carried_rows(load_study(str(path)), report)) == {("A", 0.8, 0), ("A", 0.8, 1)}
     # a fresh row whose seed's dense reference differs from the carried ones' is flagged, not silently paired
-    write_report(study, rows, report)
-    assert "(each seed's variants share one dense reference)" in (report / "table.md").read_text()
-    write_report(study, [*rows[:3], {**rows[3], "dense_top1": 0.91}], report)
+    judged = write_report(study, rows, report)
+    assert "different dense references" not in (report / "table.md").read_text()
+    assert judged[0]["seeds"] == [0, 1] and judged[0]["excluded"] == {}
+    judged = write_report(study, [*rows[:3], {**rows[3], "dense_top1": 0.91}], report)
     text = (report / "table.md").read_text()
-    assert "rows of seed 1 have different dense references" in text
-    assert "share one dense reference" not in text and "see the warnings above" in text
+    assert "Warning: at budget 0.8 the rows of seed 1 come from different dense references" in text
+    assert judged[0]["seeds"] == [0] and judged[0]["excluded"] == {"1": "different dense references"}
+    assert "(excl. 1)" in text
+    claims = json.loads((report / "verdicts.json").read_text())["claims"]
+    assert claims[0]["excluded"] == {"1": "different dense references"} and claims[0]["n"] == 1
 
 
 def test_claim_at_a_budget_not_run():
@@ -201,7 +226,8 @@ claims: [{a: A, b: probe}]
              "params_reduction": 0.5, "train_wall_s": 1.0}
             for s in (0, 1) for v, b, m in (("A", 0.5, 0.8 + s / 100), ("A", 0.9, 0.7), ("probe", 0.5, 0.6 + s / 50))]
     judged = {v["budget"]: v for v in write_report(study, rows, tmp_path / "r")}
-    assert judged[0.5]["n"] == 2 and judged[0.9]["verdict"] == "budget not run"
+    assert judged[0.5]["n"] == 2 and judged[0.5]["verdict"] == "needs 1 more seed"
+    assert judged[0.9]["verdict"] == "budget not run"
     table = (tmp_path / "r" / "table.md").read_text()
     assert "| probe | 0.5 |" in table and "| probe | 0.9 |" not in table
 
@@ -276,7 +302,10 @@ claims:
     assert "4 finished" in second.stdout
     assert {p: p.stat().st_mtime_ns for p in results} == stamps  # no job ran again
     verdict = json.loads((tmp_path / "out" / "verdicts.json").read_text())
-    assert verdict[0]["claim"] == "magnitude >= random at budget 0.8" and verdict[0]["n"] == 2
+    assert verdict["schema"] == 2 and verdict["seeds"] == [0, 1]
+    claim = verdict["claims"][0]
+    assert claim["claim"] == "magnitude not worse than random at budget 0.8 (margin 0.25)" and claim["n"] == 2
+    assert claim["verdict"] == "needs 1 more seed" and claim["excluded"] == {}  # two seeds: an exploratory claim needs 3
 
 
 def test_extra_overrides_replace_the_base_key_and_rerun_on_other_seeds(tmp_path):

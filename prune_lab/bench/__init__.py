@@ -1,2 +1,2 @@
-"""Benchmark pieces behind scripts/bench.py (issue 8): each returns ratios against a baseline
+"""Benchmark pieces behind scripts/bench.py: each returns ratios against a baseline
 measured in the same process."""

@@ -1,4 +1,4 @@
-"""Latency as the budget, realized (issue 18): ResNet-50 shapes pruned to remove a fraction
+"""Latency as the budget, realized: ResNet-50 shapes pruned to remove a fraction
 `target` of the served model's latency, at batch 1 and 16 on CPU, prune_lab's latency plan
 against torch-pruning's uniform pruning at the same measured latency.
 

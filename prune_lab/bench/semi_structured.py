@@ -1,4 +1,4 @@
-"""2:4 sparsity through PyTorch's semi-structured sparse kernels (issue 14): does the pattern
+"""2:4 sparsity through PyTorch's semi-structured sparse kernels: does the pattern
 prune_lab's N:M methods produce run faster than dense?
 
 Each case is a linear layer as a GEMM (tokens × in → out), weights pruned to 2:4 by magnitude

@@ -52,7 +52,7 @@ class LatencyPlanning:
         off-block counts runs slower than one with block counts at the same table prediction, which
         the table's standalone layer timings do not show: Fashion-MNIST's ResNet-14 at a predicted
         0.53 / 0.48 measured 0.52 / 0.43 (latency / FLOPs plan, any count) against 0.57 / 0.58 in
-        blocks of 8 (scripts/latency_block_probe.py, README latency section)."""
+        blocks of 8 (scripts/probes/latency_block_probe.py, README latency section)."""
         return math.lcm(max(1, int(self.round_to)), max(1, int(self.latency.get("channel_block", 8))))
 
     @property

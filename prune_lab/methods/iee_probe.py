@@ -1,5 +1,5 @@
 """Measurements of IEE's grow step: `Turnover`, kept by every IEE run (results.json
-`train.turnover`), and `GrowLoss`, a callback for tests and scripts/iee_grow_probe.py."""
+`train.turnover`), and `GrowLoss`, a callback for tests and scripts/probes/iee_grow_probe.py."""
 from __future__ import annotations
 
 import lightning as L

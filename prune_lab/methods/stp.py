@@ -66,11 +66,13 @@ class StimulativeTraining(L.Callback):
                  search_population: int = 50, search_generations: int = 20, search_parents: int = 10,
                  mutation_prob: float = 0.1, search_images: int = 512, bn_images: int = 2000,
                  tolerance: float = 0.02, weight_decay: float | None = None, seed: int = 0,
-                 target: str = "flops", latency: dict | None = None):
+                 target: str = "flops", latency: dict | None = None, subnet_target: str = "teacher"):
         if not 0.0 < budget < 1.0:
             raise PruneLabError(f"budget={budget} is outside (0, 1) for stp")
         if target not in ("flops", "latency"):
             raise PruneLabError(f"method.target={target} is not one of: flops, latency (for stp)")
+        if subnet_target not in ("teacher", "labels"):
+            raise PruneLabError(f"method.subnet_target={subnet_target} is not one of: teacher, labels")
         if int(num_subnets) < 1:
             raise PruneLabError(f"method.num_subnets={num_subnets} must be >= 1 (the first is always at the budget)")
         if not 0.0 <= float(expansion_reach) <= 1.0:
@@ -79,6 +81,9 @@ class StimulativeTraining(L.Callback):
             raise PruneLabError(f"method.search_images={search_images} must be a positive number of held-out images")
         self.budget, self.num_subnets, self.temperature, self.kd_weight = float(budget), int(num_subnets), temperature, kd_weight
         self.distill, self.warmup_epochs, self.widths = distill, warmup_epochs, tuple(widths)
+        # what the sampled subnets learn from: the full network's outputs (STP, stimulative training)
+        # or the labels (the sandwich rule without KD): the ablation that isolates the distillation
+        self.subnet_target = subnet_target
         self.pool_size, self.bins = pool_size, bins
         self.expansion, self.expansion_reach, self.expansion_window = expansion, float(expansion_reach), expansion_window
         self.elite_band, self.num_elites, self.elite_updates = elite_band, elites, elite_updates
@@ -200,7 +205,9 @@ class StimulativeTraining(L.Callback):
         with frozen_bn_stats(pl_module.model):
             for arch in archs:
                 with self.space.activate(arch):
-                    loss = loss + subnet_kl(pl_module.model(x), teacher, self.temperature)
+                    out = pl_module.model(x)
+                    loss = loss + (subnet_kl(out, teacher, self.temperature) if self.subnet_target == "teacher"
+                                   else F.cross_entropy(out, batch[1]))
         pl_module.log("train/subnet_kl", loss, on_step=False, on_epoch=True, sync_dist=True)
         pl_module.log("train/budget_band_share", in_band / len(archs), on_step=False, on_epoch=True, sync_dist=True)
         return self.kd_weight * loss
@@ -312,7 +319,7 @@ class StimulativeTraining(L.Callback):
                         "subnet_counts": dict(self.counts), "search_images": int(len(self._heldout))
                         if self._heldout is not None else 0,
                         "kept_dropped_magnitude": relative,
-                        "distill": self.distill, "search": self.search, "expansion": self.expansion,
+                        "distill": self.distill, "subnet_target": self.subnet_target, "search": self.search, "expansion": self.expansion,
                         "expansion_reach": self.expansion_reach}
         if self.target == "latency" and trainer.is_global_zero:  # before the masks: a plain copy to shrink
             self.summary.update(latency_record(self.table, pl_module.model, pl_module.example_input, self.latency,
