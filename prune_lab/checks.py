@@ -5,7 +5,7 @@ import os
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from prune_lab.errors import PruneLabError
 from prune_lab.sparsity import ChannelGroups
@@ -37,6 +37,14 @@ def validate(cfg: DictConfig) -> None:
     seed = cfg.seed
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise PruneLabError(f"seed={seed} is not a non-negative integer (e.g. seed=0)")
+    for key in ("epochs", "dense.epochs"):
+        value = OmegaConf.select(cfg, key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise PruneLabError(f"{key}={value} is not a non-negative integer number of epochs (e.g. {key}=5)")
+    accelerator = str(OmegaConf.select(cfg, "trainer.accelerator", default="auto"))
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise PruneLabError(f"trainer.accelerator={accelerator}, but no GPU is available here "
+                            "(torch.cuda.is_available() is False); use trainer=cpu")
     b = cfg.budget
     if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0.0 <= float(b) < 1.0:
         raise PruneLabError(f"budget={b} is outside [0, 1): it is the fraction of the method's target removed")

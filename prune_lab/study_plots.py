@@ -110,25 +110,33 @@ def forest(name: str, judged: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from prune_lab.verdicts import label
+
     shown = [v for v in judged if v["mean"] == v["mean"]]
     if not shown:
         return
-    fig, ax = plt.subplots(figsize=(8.5, 0.9 + 0.38 * len(shown)))
+    fig, ax = plt.subplots(figsize=(12, 1.0 + 0.36 * len(shown)))
     for i, v in enumerate(reversed(shown)):
         lo, hi = v["ci95"]
         color = {"better": "tab:green", "worse": "tab:red", "not worse": "tab:blue",
                  "equivalent": "tab:blue"}.get(v["verdict"], "gray")
         ax.errorbar(v["mean"], i, xerr=[[v["mean"] - lo], [hi - v["mean"]]], fmt="D" if v["primary"] else "o",
                     color=color, capsize=3, ms=6 if v["primary"] else 4)
-        if v["op"] != ">":
-            ax.plot([-v["margin"]] * 2, [i - 0.4, i + 0.4], color="tab:orange", lw=1.5)
+        ax.plot([-v["margin"]] * 2, [i - 0.35, i + 0.35], color="tab:orange", lw=1.5)
+        ax.annotate(f"{label(v['verdict'], v['margin'])} (n={v['n']})", (1.01, i), xycoords=("axes fraction", "data"),
+                    va="center", fontsize=7, color=color)
     ax.axvline(0, color="black", lw=1)
     ax.set_yticks(range(len(shown)))
-    ax.set_yticklabels([f"{'[P] ' if v['primary'] else ''}{v['claim']} — {v['verdict']}"[:95] for v in reversed(shown)],
-                       fontsize=7)
-    ax.set_xlabel(f"{shown[0]['units']}: A − B, mean and 95 % interval over seeds (orange tick: −margin)")
-    ax.set_title(f"study {name}: claims ([P] primary, diamonds)", fontsize=9)
+    ax.set_yticklabels([_short(f"{'[P] ' if v['primary'] else ''}{v['a']} − {v['b']} @ {v['budget']:g}")
+                        for v in reversed(shown)], fontsize=7)
+    ax.set_xlabel(f"{shown[0]['units']}: A − B, mean and 95 % interval over seeds; orange: −margin")
+    ax.set_title(f"study {name}: every claim ([P] primary, diamonds; verdict on the right)", fontsize=9)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
+    fig.subplots_adjust(right=0.8)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _short(text: str, width: int = 75) -> str:
+    return text if len(text) <= width else text[:width - 1] + "…"

@@ -343,7 +343,23 @@ BAD_BEFORE_TRAINING = [
     (["method=gmp", "epochs=1", "method.start=0.45", "method.end=0.48"], ["start=0.45", "17 optimizer steps", "empty"]),
     (["method=rigl", "epochs=2"], ["every 100", "stop=0.75", "step 25", "method.every below 25"]),
     (["method=set", "method.every=30", "method.stop=0.5", "epochs=3"], ["every 30", "stop=0.5", "step 25"]),
+    (["epochs=-3"], ["epochs=-3", "non-negative integer"]),
+    (["dense.epochs=2.5"], ["dense.epochs=2.5", "non-negative integer"]),
 ]
+
+
+def test_asking_for_a_gpu_without_one_is_one_line_and_wins_over_the_recipe(tmp_path):
+    """`trainer=gpu` after a recipe that trains on the CPU: the user's choice wins (it is not silently
+    replaced by the recipe's CPU trainer), and without a GPU it is refused in one line naming trainer=cpu."""
+    import torch
+
+    cfg = compose_cfg([*FAST, "method=magnitude", "trainer=gpu"], tmp_path / "run", tmp_path / "dense")
+    assert cfg.trainer.accelerator == "gpu"
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: the refusal is for machines without one")
+    with pytest.raises(PruneLabError, match=r"^trainer.accelerator=gpu, but no GPU is available here .*use trainer=cpu$"):
+        pipeline.run(cfg)
+    assert not (tmp_path / "dense").exists() and not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("overrides,words", BAD_BEFORE_TRAINING, ids=[" ".join(b[0]) for b in BAD_BEFORE_TRAINING])

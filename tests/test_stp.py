@@ -287,3 +287,34 @@ def test_stratified_slice_without_stored_labels_reads_equal_shares():
     with_labels = TensorImageDataset(torch.zeros(90, 1), labels)
     assert torch.bincount(labels[stratified_indices(torch.utils.data.Subset(with_labels, range(90)), 30)]).tolist() \
         == [10, 10, 10]
+
+
+@pytest.mark.parametrize("target", ["teacher", "labels"])
+def test_subnet_target_chooses_what_the_sampled_subnets_learn_from(target):
+    """`method.subnet_target`: STP's subnets match the full network's outputs (KL); the ablation trains the
+    same sampled subnets on the labels (cross-entropy) instead. Recomputed here from the same archs."""
+    import torch.nn.functional as F
+
+    from prune_lab.methods.stp import frozen_bn_stats
+
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=10).train()
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    cb = StimulativeTraining(budget=0.5, num_subnets=2, subnet_target=target, seed=3)
+    cb.bind(model, x[:1])
+    cb.space.order(cb.space.groups.scores(tp.importance.GroupMagnitudeImportance(p=1, normalizer=None)))
+    cb.ordered, cb.elites = True, [cb.space.largest()]
+    trainer = SimpleNamespace(global_step=7, estimated_stepping_batches=100)
+    module = SimpleNamespace(model=model, training=True, trainer=trainer, log=lambda *a, **k: None)
+    logits = model(x)
+    loss = cb._subnet_loss(module, (x, y), logits)
+    archs = cb.sampler.sample(0.07, random.Random("3-7"), cb.elites)
+    expected = 0.0
+    with torch.no_grad(), frozen_bn_stats(model):
+        for arch in archs:
+            with cb.space.activate(arch):
+                out = model(x)
+            expected += float(subnet_kl(out, logits) if target == "teacher" else F.cross_entropy(out, y))
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(PruneLabError, match="method.subnet_target=kd is not one of: teacher, labels"):
+        StimulativeTraining(budget=0.5, subnet_target="kd")
