@@ -491,3 +491,45 @@ def test_grow_loss_record_draws_its_batches_without_changing_the_run():
     assert [r["step"] for r in report["per_grow"]] == list(GROW) and len(meter.batches) == 2
     assert report["mean_increase_vs_zero"] == pytest.approx(
         sum(r["loss"] - r["loss_at_zero"] for r in report["per_grow"]) / len(GROW))
+
+
+def test_iee_phase_steps_is_h_j_q_and_the_cycles_follow_the_schedule():
+    """`method.phase_steps` (the paper's H = J = Q): cycles are as many as fit before `stop`."""
+    assert [IEE(phase_steps=3).phase(t, STEPS) for t in range(19)] == [iee().phase(t, STEPS) for t in range(19)]
+    paper = IEE(phase_steps=150)
+    assert paper.n_cycles(100_000) == 75_000 // 450 and (paper.h, paper.j, paper.q) == (150, 150, 150)
+    assert IEE(phase_steps=50).n_cycles(100_000) == 75_000 // 150  # the paper's sensitivity: 50 / 150 / 300
+    with pytest.raises(PruneLabError, match="phase_steps .* or the three phase lengths, not both"):
+        IEE(phase_steps=50, estimate_steps=50, improve_steps=50, explore_steps=50)
+    with pytest.raises(PruneLabError, match="phase_steps=0 must be an integer >= 1"):
+        IEE(phase_steps=0)
+
+
+def test_iee_never_active_values_reading_and_bad_values():
+    assert IEE(never_active_values="start").keep_start_values and not IEE(never_active_values="zero").keep_start_values
+    assert IEE().keep_start_values is False and IEE(keep_start_values=True).keep_start_values  # null: as configured
+    with pytest.raises(PruneLabError, match="never_active_values='mru' is not one of: zero, start"):
+        IEE(never_active_values="mru")
+    with pytest.raises(PruneLabError, match="ranking=global .* needs target=params and no N:M pattern"):
+        IEE(ranking="global", pattern="2:4")
+
+
+def test_iee_global_ranking_prunes_the_globally_smallest_and_keeps_the_total_count():
+    """ranking=global: Ω_t of all active weights go, the smallest |w| of the whole network (so the
+    layer-wise split may drift from ERK), and as many come back at the grow: the budget stays exact."""
+    policy = iee(ranking="global")
+    _, probe = fit(policy)
+    initial = counts(probe.start[0]["masks"])
+    sparse = [n for n, m in probe.start[0]["masks"].items() if not bool(m.all())]
+    total = sum(initial[n] for n in sparse)
+    for g in GROW + (STEPS - 1,):
+        assert sum(counts(probe.start[g]["masks"])[n] for n in sparse) == total
+    for p in PRUNE:
+        before, after = probe.start[p - 1]["keep"] or {n: probe.start[0]["masks"][n] for n in sparse}, \
+            probe.start[p]["keep"]
+        weights = probe.end[p - 1]
+        removed = torch.cat([weights[n][before[n] & ~after[n]].abs() for n in sparse])
+        kept = torch.cat([weights[n][after[n]].abs() for n in sparse])
+        omega = policy.omega.fraction(p, STEPS)
+        assert abs(removed.numel() - round(omega * total)) <= len(sparse)  # a layer keeps its last unit
+        assert float(removed.max()) <= float(kept.min())

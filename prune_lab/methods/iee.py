@@ -16,8 +16,9 @@ space Θ_P (masked). Each cycle of H + J + Q optimizer steps:
                   restores the first implementation, where explored values became the next MRU)
 
 Cycle lengths follow the run: by default `cycles` cycles share the first `stop` of training, each
-split into equal estimate / improve / explore thirds; or phase lengths are given as fractions of
-training (0 < x < 1) or as absolute optimizer steps (integers). Ω_t decays exponentially
+split into equal estimate / improve / explore thirds; or `phase_steps` gives H = J = Q as the paper
+does (150 on ImageNet) and the cycles are as many as fit before `stop`; or the three phase lengths
+are given as fractions of training (0 < x < 1) or as absolute optimizer steps (integers). Ω_t decays exponentially
 (`omega`, read at each cycle's prune step); after the last cycle Θ_K trains alone. Units are
 single weights (`target: params`; per-layer counts, so the ERK/uniform distribution of the initial
 mask is kept; with `pattern` N:M, per group of M, so the pattern holds) or output channels of
@@ -31,8 +32,11 @@ to 0.01 at `stop`; the optimizer state of units entering or leaving Θ_K or Θ_P
 never active yet has no MRU value: a weight explores from zero, so what it learns in Q steps,
 not its random initial value, decides whether it grows, while a channel explores from its value
 at fit start, because a channel at zero (zero filter, zero batch-norm scale) is a saddle point
-that no gradient leaves (`keep_start_values=true` uses the start values for weights too: right
-when they are the dense reference's). Ablations:
+that no gradient leaves (`keep_start_values=true`, or `never_active_values=start`, uses the start
+values for weights too: right when they are the dense reference's). Prune and grow rank each
+layer's units apart, so the initial ERK split stays (`ranking=layer`); the paper says ERK is used
+"for initializing" the distribution, which may mean it drifts: `ranking=global` ranks all weights
+together (Ω_t of the network's active weights; the grow brings the same total back). Ablations:
   explore=false        the Q steps train Θ_K instead; Θ_P, never trained, is ranked by the
                        magnitude of its dense gradient summed over those steps (RigL's growth
                        signal; channels: Σ (∂L/∂γ)² + (∂L/∂β)² of their batch norms); grown
@@ -55,6 +59,27 @@ from prune_lab.sparsity.nm import NMPattern
 from prune_lab.sparsity.regrowth import RegrowthPolicy, highest, lowest, reset_optimizer_state
 
 PHASES = ("estimate_steps", "improve_steps", "explore_steps")
+GLOBAL = "__global__"  # ranking=global: the pending count of the whole network
+
+
+def _global_pick(scores: dict[str, torch.Tensor], candidates: dict[str, torch.Tensor], n: int,
+                 highest: bool) -> dict[str, torch.Tensor]:
+    """Per layer, the bool mask of the `n` lowest (or highest) scores among every layer's candidates
+    ranked together (ranking=global): the layer-wise density may drift from the initial ERK split."""
+    layers = list(candidates)
+    flat = torch.cat([torch.where(candidates[k], scores[k].to(candidates[k].device).float(),
+                                  torch.tensor(float("-inf") if highest else float("inf"))).flatten()
+                      for k in layers])
+    n = max(0, min(int(n), int(sum(int(candidates[k].sum()) for k in layers))))
+    chosen = torch.zeros_like(flat, dtype=torch.bool)
+    if n:
+        chosen[torch.topk(flat, n, largest=highest).indices] = True
+    out, start = {}, 0
+    for k in layers:
+        size = candidates[k].numel()
+        out[k] = chosen[start:start + size].view_as(candidates[k]) & candidates[k]
+        start += size
+    return out
 
 
 def _bn_stats(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -66,6 +91,7 @@ class IEE(RegrowthPolicy):
     """The five-phase loop; see the module docstring. Step counts are optimizer steps of the
     global batch; `stop` and `omega.end` are fractions of training."""
 
+    RANKINGS = ("layer", "global")
     GROW_INIT = ("mru", "zero")
     GROW_VALUES = ("explored", "last_active", "zero")
     MRU = ("last_active", "explored")
@@ -74,7 +100,8 @@ class IEE(RegrowthPolicy):
                  improve_steps=None, explore_steps=None, cycles: int | None = 10, omega=None, stop: float = 0.75,
                  explore: bool = True, freeze_active: bool = True, grow_init: str = "mru",
                  grow_values: str = "last_active", mru: str = "last_active", improve: bool = True,
-                 keep_start_values: bool | None = None, pattern: str | None = None):
+                 keep_start_values: bool | None = None, pattern: str | None = None, phase_steps: int | None = None,
+                 ranking: str = "layer", never_active_values: str | None = None):
         if target not in ("params", "flops", "latency"):  # latency: the initial plan meets it, counts are kept
             raise PruneLabError(f"IEE target={target!r} is not one of: params, flops, latency")
         allowed = (WeightUnits if target == "params" else ChannelUnits).CRITERIA
@@ -87,6 +114,23 @@ class IEE(RegrowthPolicy):
         for key, value, options in choices:
             if value not in options:
                 raise PruneLabError(f"IEE {key}={value!r} is not one of: {', '.join(options)}")
+        if phase_steps is not None:  # the paper's knob: H = J = Q steps, the cycle count follows the schedule
+            if isinstance(phase_steps, bool) or not isinstance(phase_steps, int) or phase_steps < 1:
+                raise PruneLabError(f"IEE phase_steps={phase_steps} must be an integer >= 1 (H = J = Q optimizer steps)")
+            if any(v is not None for v in (estimate_steps, improve_steps, explore_steps)):
+                raise PruneLabError("IEE: give method.phase_steps (H = J = Q) or the three phase lengths, not both")
+            estimate_steps = improve_steps = explore_steps = phase_steps
+        if ranking not in self.RANKINGS:
+            raise PruneLabError(f"IEE ranking={ranking!r} is not one of: {', '.join(self.RANKINGS)}")
+        if ranking == "global" and (target != "params" or pattern is not None):
+            raise PruneLabError("IEE ranking=global ranks single weights across layers: it needs target=params and "
+                                "no N:M pattern (channels and N:M keep per-group counts)")
+        if never_active_values not in (None, "zero", "start"):
+            raise PruneLabError(f"IEE never_active_values={never_active_values!r} is not one of: zero, start "
+                                "(or null: start only when training from the dense reference)")
+        if never_active_values is not None:
+            keep_start_values = never_active_values == "start"
+        self.ranking = ranking
         self.lengths = {}
         for key, value, low in zip(PHASES, (estimate_steps, improve_steps, explore_steps), (1, 0, 1)):
             if value is None:
@@ -341,7 +385,17 @@ class IEE(RegrowthPolicy):
         scores = self._scores("prune", cycle)
         old = self.units.param_masks(self.keep)
         self.record.start(self.keep)
-        for layer, keep in self.keep.items():
+        if self.ranking == "global":
+            total = sum(int(k.sum()) for k in self.keep.values())
+            removed_all = _global_pick(scores, self.keep, round(omega * total), highest=False)
+            for layer, keep in self.keep.items():
+                removed = removed_all[layer]
+                if bool((keep & ~removed).sum() == 0):  # a layer never loses its last unit
+                    removed = removed & ~highest(scores[layer].to(keep.device), keep, 1)
+                self.keep[layer] = keep & ~removed
+                self.record.pruned[layer] = removed
+            self.pending = {GLOBAL: sum(int(r.sum()) for r in self.record.pruned.values())}
+        for layer, keep in self.keep.items() if self.ranking == "layer" else ():
             s = scores[layer].to(keep.device)
             kept = int(keep.sum())
             n = min(round(omega * kept), kept - 1)  # a layer never loses its last unit
@@ -379,7 +433,12 @@ class IEE(RegrowthPolicy):
         if self.explore and self.mru_mode == "explored":  # the first implementation's reading
             for name, m in old.items():
                 self.mru[name] = torch.where(m, self.mru[name], params[name])
-        for layer, keep in self.keep.items():
+        if self.ranking == "global":  # the same total count back, wherever the scores are highest
+            grown_all = _global_pick(scores, {layer: ~keep for layer, keep in self.keep.items()},
+                                     int(self.pending.get(GLOBAL, 0)), highest=True)
+            for layer, keep in self.keep.items():
+                self.keep[layer] = keep | grown_all[layer]
+        for layer, keep in self.keep.items() if self.ranking == "layer" else ():
             s, count = scores[layer].to(keep.device), self.pending.get(layer, 0)
             if self.pattern is not None:
                 grown = self.pattern.top_per_group(s, count, candidates=~keep)
