@@ -12,7 +12,7 @@ from prune_lab.sparsity import ChannelGroups
 
 
 # structured methods whose plan can be solved against the latency table (`target: latency`)
-LATENCY_METHODS = ("l1_filter", "halp", "slimming", "iee_channels", "stp")
+LATENCY_METHODS = ("l1_filter", "halp", "slimming", "depgraph", "iee_channels", "stp")
 
 
 def import_user_modules(cfg: DictConfig) -> None:

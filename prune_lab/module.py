@@ -102,9 +102,16 @@ class PruneLabModule(L.LightningModule):
         device = getattr(getattr(self, "_trainer", None), "strategy", None)
         if device is not None and getattr(device, "root_device", torch.device("cpu")).type != "cpu":
             return None  # cuDNN, not oneDNN
+        from prune_lab.sparsity.reparam import ExpandedConv2d
+
         for name, m in self.model.named_modules():
-            if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and max(m.stride) > 1 and m.in_channels < 8:
-                return name, m
+            # an expanded conv (over-parameterization, collapsed compute) runs its k×k factor's geometry on
+            # the original input channels: judge it as that conv
+            conv = nn.Conv2d(m.a.in_channels, m.b.out_channels, m.k.kernel_size, stride=m.k.stride, device="meta") \
+                if isinstance(m, ExpandedConv2d) else m
+            if isinstance(conv, nn.Conv2d) and conv.kernel_size == (1, 1) and max(conv.stride) > 1 \
+                    and conv.in_channels < 8:
+                return name, conv
         return None
 
     def on_fit_end(self):

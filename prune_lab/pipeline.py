@@ -352,9 +352,11 @@ def run(cfg: DictConfig) -> dict:
                 "lightning": L.__version__, "cpu": cpu_name(), "cpu_isa": cpu_isa(), "threads": torch.get_num_threads(),
                 "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"},
     }
-    # records of the run's callbacks (training cost), then the method's (search results, its own
-    # cost accounting, ...): under their own keys, or merged into `train`
-    merge_reports(results, [cb.report() for cb in run_callbacks + callbacks if callable(getattr(cb, "report", None))])
+    # records of the method's post-training steps (their pruning cost), the run's callbacks (training
+    # cost), then the method's (search results, its own cost accounting, ...): under their own keys,
+    # or merged into `train`
+    merge_reports(results, [cb.report() for cb in prepare + run_callbacks + callbacks
+                            if callable(getattr(cb, "report", None))])
     report.plot_layers(layers, out_dir / "layers.png",
                        f"{cfg.method.name} {cfg.model.name}/{dm.name} budget={cfg.budget} ({cfg.method.target})")
     publish(loggers, results, out_dir)

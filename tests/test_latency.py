@@ -285,7 +285,7 @@ def test_latency_target_is_refused_for_weight_pruning_methods(tmp_path, dense_di
 
     cfg = compose_cfg([*FAST, "method=magnitude", "method.target=latency", "budget=0.3"], tmp_path, dense_dir)
     with pytest.raises(PruneLabError, match="method.target=latency is not available for method magnitude; "
-                                            "choose one of: l1_filter, halp, slimming, iee_channels, stp"):
+                                            "choose one of: l1_filter, halp, slimming, depgraph, iee_channels, stp"):
         validate(cfg)
 
 

@@ -105,6 +105,12 @@ def test_channels_last_is_turned_off_for_a_strided_1x1_conv_with_few_input_chann
     with caplog.at_level(logging.WARNING, logger="prune_lab"):
         unsafe.setup("fit")
     assert not unsafe.channels_last and "training in NCHW instead: 1 " in caplog.text
+    from prune_lab.sparsity.reparam import ExpandedConv2d
+
+    expanded = module_for(6)  # over-parameterization's collapsed chain runs a 1x1 stride-2 conv on 6 channels
+    expanded.model[1] = ExpandedConv2d(expanded.model[1], ratio=4)
+    expanded.setup("fit")
+    assert not expanded.channels_last
     safe = module_for(8)
     safe.setup("fit")
     assert safe.channels_last and safe.model[1].weight.is_contiguous(memory_format=torch.channels_last)

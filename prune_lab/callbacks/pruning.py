@@ -16,6 +16,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 import torch.nn.functional as F
+import torch_pruning as tp
 
 from prune_lab.callbacks.latency_plan import LatencyPlanning
 from prune_lab.errors import PruneLabError
@@ -302,3 +303,36 @@ class BNScalePenalty(L.Callback):
         bns = [m.weight for m in pl_module.model.modules()
                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.weight is not None]
         return self.weight * sum(w.abs().sum() for w in bns)
+
+
+class GroupNormPenalty(L.Callback):
+    """DepGraph's sparse training (Fang et al., CVPR 2023), torch-pruning's own `GroupNormPruner`: until
+    `until` (fraction of training), after every backward the gradient of each coupled channel group gets
+    reg · γ_g · w, where γ_g = alpha^((max − I_g) / (max − min)) grows for groups of small L2 group norm
+    I_g, so the groups to be removed are pushed to zero together; then a structured MaskUpdate prunes by
+    the same group norm (`Magnitude(p=2, group_reduction="mean")`). Nothing of the regulariser is
+    re-written here: `regularize` is torch-pruning's."""
+
+    def __init__(self, reg: float = 5e-4, alpha: float = 4.0, until: float = 0.5):
+        if not float(reg) >= 0 or not float(alpha) >= 1 or not 0.0 < float(until) <= 1.0:
+            raise PruneLabError(f"group-norm penalty reg={reg}, alpha={alpha}, until={until}: need reg >= 0, "
+                                "alpha >= 1 and until in (0, 1]")
+        self.reg, self.alpha, self.until = float(reg), float(alpha), float(until)
+        self.pruner = None
+
+    def on_fit_start(self, trainer, pl_module):
+        model = pl_module.model
+        was_training = model.training
+        model.eval()  # the pruner traces the model with a forward: keep BN running statistics untouched
+        try:
+            with torch.enable_grad():
+                self.pruner = tp.pruner.GroupNormPruner(
+                    model, pl_module.example_input.to(pl_module.device),
+                    importance=tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean", normalizer=None),
+                    reg=self.reg, alpha=self.alpha, ignored_layers=[pl_module.classifier])
+        finally:
+            model.train(was_training)
+
+    def on_after_backward(self, trainer, pl_module):
+        if trainer.global_step < self.until * trainer.estimated_stepping_batches:
+            self.pruner.regularize(pl_module.model, alpha=self.alpha)

@@ -195,8 +195,9 @@ class DynamicSparsity(L.Callback):
         if self._dense is not None:  # already sparse (gradient accumulation)
             return
         weights = self._weights(pl_module)
-        for n, keep in self._masks(pl_module).items():
-            pl_module.masks.set(n, keep)
+        for n, keep in self._masks(pl_module).items():  # every step: whether a layer is sparse is known on the host
+            sparse = self.pattern.fits(weights[n]) if self.pattern is not None else self.pruned.get(n, 0) > 0
+            pl_module.masks.set(n, keep, sparse=sparse)
         self._dense = {n: w.detach().clone() for n, w in weights.items()}
         pl_module.masks.apply()
 

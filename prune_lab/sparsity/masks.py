@@ -63,13 +63,15 @@ class MaskSet(nn.Module):
     def __contains__(self, name: str) -> bool:
         return hasattr(self, self.PARAM + _key(name))
 
-    def set(self, name: str, mask: torch.Tensor) -> None:
+    def set(self, name: str, mask: torch.Tensor, sparse: bool | None = None) -> None:
+        """`sparse`: whether the mask has a zero, when the caller knows it (a mask set every step must
+        not read the device back to find out); None: read it."""
         buf = self[name]
         if mask.shape != buf.shape:
             raise ValueError(f"mask for {name} has shape {tuple(mask.shape)}, expected {tuple(buf.shape)}")
         buf.copy_(mask.to(device=buf.device, dtype=torch.bool))
         self._cache = None
-        if bool(buf.all()):
+        if not sparse if sparse is not None else bool(buf.all()):
             self.active.discard(name)
         else:
             self.active.add(name)

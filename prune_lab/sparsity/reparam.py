@@ -135,6 +135,11 @@ class ExpandedConv2d(nn.Module):
         if self.compute == "chain":
             return self.b._conv_forward(self.k(self.a(x)), self.b.weight * self.scale, self.b.bias)
         w = _compose(self.a.weight.flatten(1), self.k.weight, self.b.weight.flatten(1), self.k.groups) * self.scale
+        # einsum leaves a 1x1 weight with channels-last strides (5, 1, 5, 5): the conv would then take the
+        # channels-last path whatever the input's layout (and oneDNN's strided 1x1 backward with < 8 input
+        # channels corrupts memory there, see PruneLabModule): give the weight the input's layout
+        channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        w = w.clone(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         return self.k._conv_forward(x, w, self.b.bias)  # k's stride, padding (mode), dilation, groups
 
     @torch.no_grad()

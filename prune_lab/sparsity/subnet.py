@@ -154,13 +154,15 @@ class SubnetSpace:
         modules = dict(self.model.named_modules())
         plan = self.channel_plan(arch)
         handles, swapped = [], []
-        for root, members in zip(self.groups.roots, self.groups.members):
-            keep = plan[root]
-            if bool(keep.all()):
+        for root, members, size, stage in zip(self.groups.roots, self.groups.members, self.groups.sizes,
+                                              self.group_stage):
+            if max(1, math.ceil(arch.widths[stage] * size - 1e-9)) >= size:  # whole: decided on the host, no read
                 continue
+            keep = plan[root]
             for name, kind, root_idxs in members:  # every producer of the group's channels (conv, BN)
-                if kind == "out":
-                    handles.append(modules[name].register_forward_hook(_zero_channels(keep[root_idxs])))
+                if kind == "out":  # the mask moves to the module's device once per subnet, not once per forward
+                    device = next(modules[name].parameters()).device
+                    handles.append(modules[name].register_forward_hook(_zero_channels(keep[root_idxs].to(device))))
         for name in self.skipped_blocks(arch):
             stage_name, j = name.rsplit(".", 1)
             stage = modules[stage_name]
@@ -177,6 +179,6 @@ class SubnetSpace:
 
 def _zero_channels(keep: torch.Tensor):
     def hook(module, inputs, output):
-        mask = keep.to(output.device, output.dtype).view(1, -1, *([1] * (output.dim() - 2)))
+        mask = keep.to(output.dtype).view(1, -1, *([1] * (output.dim() - 2)))
         return output * mask
     return hook
