@@ -109,7 +109,10 @@ def summary_table(results: dict):
     t.add_row("nonzero params", f"{d['params']:,}", f"{p['nonzero_params']:,} (-{p['params_reduction']:.1%})")
     t.add_row("MACs (dense kernels)", f"{d['flops']:,}", f"{p['flops']:,}")
     t.add_row("MACs (sparse kernels)", f"{d['flops']:,}", f"{p['sparse_flops']:,} (-{p['flops_reduction']:.1%})")
-    t.add_row(f"CPU latency, batch {lat['batch_size']}", f"{lat['dense_ms']:.2f} ms",
+    shared = lat.get("contention", {})
+    note = f" (contended: {shared.get('runnable_others')} other runnable, {shared.get('cores')} cores)" \
+        if lat.get("contended") else ""
+    t.add_row(f"CPU latency, batch {lat['batch_size']}{note}", f"{lat['dense_ms']:.2f} ms",
               f"{lat['pruned_ms']:.2f} ms ({lat['speedup']:.2f}x)")
     if results.get("target") == "latency":
         # the channel-pruning methods record their plan under latency_plan, STP's search under stp

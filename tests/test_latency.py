@@ -451,3 +451,18 @@ def test_lookahead_sees_past_a_latency_staircase(monkeypatch, tmp_path):
         gains.append(kept_value(two) - kept_value(one))
         assert gains[-1] > 0 or p2 > p1, (target, gains[-1], p1, p2)
     assert sum(g > 0 for g in gains) >= 3
+
+
+def test_a_latency_measured_beside_other_work_says_so(monkeypatch):
+    """The machine's runnable count is read before and after the timing; more runnable work than cores
+    marks the measurement contended (and says so in one warning)."""
+    from prune_lab.sparsity import measure
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(2))
+    model(torch.zeros(1, 1, 8, 8))
+    for others, contended in ((0, False), (8, True)):
+        monkeypatch.setattr(measure, "runnable_others", lambda n=others: n)
+        _, applied = measure.latency_ms({"m": model}, torch.zeros(1, 1, 8, 8), batch_size=2, warmup=1, repeats=2)
+        assert applied["contention"]["runnable_others"] == others
+        assert applied["contention"]["contended"] is contended
+    assert measure.contention([None, None])["contended"] is False  # unknown: not claimed either way

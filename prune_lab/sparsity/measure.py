@@ -135,6 +135,29 @@ def compile_for_inference(model: nn.Module, x: torch.Tensor) -> nn.Module:
     return compiled
 
 
+def runnable_others() -> int | None:
+    """Processes runnable on this machine right now besides the one reading (Linux /proc/loadavg's
+    4th field, "running/total"); None where it cannot be read. A latency measured while others run
+    shares cores, caches and memory bandwidth with them (two study jobs beside the quick start
+    made its 0.73 ms read 175 ms)."""
+    try:
+        with open("/proc/loadavg") as f:
+            return max(0, int(f.read().split()[3].split("/")[0]) - 1)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def contention(samples: list[int | None]) -> dict:
+    """Whether the measurement shared the CPU: more runnable work than cores at any sample."""
+    import os
+
+    seen = [s for s in samples if s is not None]
+    cores, threads = os.cpu_count() or 1, torch.get_num_threads()
+    others = max(seen) if seen else None
+    return {"runnable_others": others, "cores": cores, "threads": threads,
+            "contended": others is not None and others + threads > cores}
+
+
 def latency_ms(models: dict[str, nn.Module], example_input: torch.Tensor, batch_size: int = 16,
                warmup: int = 3, repeats: int = 10, channels_last: bool = False, fold_bn: bool = False,
                compile: bool = False) -> tuple[dict[str, float], dict[str, bool]]:
@@ -161,7 +184,13 @@ def latency_ms(models: dict[str, nn.Module], example_input: torch.Tensor, batch_
         except Exception as e:  # noqa: BLE001 - e.g. no C++ compiler for Inductor's CPU kernels
             log.warning("latency measured eager: torch.compile failed (%s)", str(e).splitlines()[0][:160])
             prepared = {k: inference_copy(m, channels_last and image, fold_bn)[0] for k, m in models.items()}
+    before = runnable_others()
     times = interleaved_latency_ms(prepared, x, warmup, repeats)
+    shared = contention([before, runnable_others()])
+    if shared["contended"]:
+        log.warning("latency measured while %d other processes were runnable on %d cores (%d threads here): the "
+                    "figures are not those of a quiet machine (results.json latency.contention)",
+                    shared["runnable_others"], shared["cores"], shared["threads"])
     medians = {k: statistics.median(v) for k, v in times.items()}
     return medians, {"bn_folded": fold_bn and all(folded), "compiled": compiled,
-                     "min_ms": {k: min(v) for k, v in times.items()}}
+                     "min_ms": {k: min(v) for k, v in times.items()}, "contention": shared}
