@@ -83,11 +83,24 @@ def shown_commands() -> list[tuple[str, list[str]]]:
 def user_module(tmp_path_factory):
     """The README's own `my_models.py`, so that the command importing it composes and validates."""
     readme = (ROOT / "README.md").read_text()
-    code = re.search(r"# my_models\.py\n(.*?)\n\n", readme, re.S)
+    code = re.search(r"# my_models\.py\n(.*?)\n\s*python train\.py imports", readme, re.S)
     assert code, "README's my_models.py example is gone"
     folder = tmp_path_factory.mktemp("user")
     (folder / "my_models.py").write_text("\n".join(line[6:] for line in code.group(1).splitlines()) + "\n")
     return folder
+
+
+def test_the_readmes_own_model_registers_and_builds(user_module, monkeypatch):
+    from omegaconf import OmegaConf
+
+    from prune_lab.checks import import_user_modules
+    from prune_lab.models import create_model
+
+    monkeypatch.chdir(user_module)
+    import_user_modules(OmegaConf.create({"imports": ["my_models"]}))
+    import torch
+
+    assert create_model("mynet", num_classes=10, in_channels=1)(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
 
 
 def test_every_shown_command_composes_and_validates(user_module, monkeypatch):
