@@ -296,3 +296,13 @@ def test_imports_registers_a_users_model_before_the_run_builds_it(tmp_path, monk
     with pytest.raises(PruneLabError, match="imports: cannot import 'no_such_module_x'") as err:
         import_user_modules(OmegaConf.create({"imports": ["no_such_module_x"]}))
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["googlenet", "inception_v3"])
+def test_auxiliary_heads_are_removed_so_training_sees_one_logits_tensor(name):
+    """GoogLeNet / Inception v3 return namedtuples with auxiliary logits in training mode; every loss here
+    reads one tensor, so the auxiliary heads go and train mode returns the main head's logits."""
+    model = create_model(name, num_classes=7, source="torchvision").train()
+    assert not model.aux_logits and not any("aux" in n.lower() for n, _ in model.named_children())
+    out = model(torch.randn(2, 3, 96 if name == "googlenet" else 299, 96 if name == "googlenet" else 299))
+    assert isinstance(out, torch.Tensor) and out.shape == (2, 7)

@@ -170,7 +170,8 @@ def _create_torchvision(name: str, num_classes: int, in_channels: int, hub_weigh
             "use a prune_lab or timm model"
         )
     if hub_weights is None:
-        return _call_hub("torchvision", name, kwargs, torchvision.models.get_model, name, num_classes=num_classes, weights=None, **kwargs)
+        return _main_head_only(_call_hub("torchvision", name, kwargs, torchvision.models.get_model, name,
+                                         num_classes=num_classes, weights=None, **kwargs))
 
     enum = torchvision.models.get_model_weights(name)
     if hub_weights not in enum.__members__:
@@ -191,6 +192,19 @@ def _create_torchvision(name: str, num_classes: int, in_channels: int, hub_weigh
         ) from err
     if num_classes != hub_classes:
         _replace_heads(model, hub_classes, num_classes)
+    return _main_head_only(model)
+
+
+def _main_head_only(model: nn.Module) -> nn.Module:
+    """GoogLeNet and Inception v3 return (logits, auxiliary logits) in training, which every loss,
+    distillation and search here reads as one tensor: their auxiliary heads (a training aid of the
+    original ImageNet recipes, not part of the deployed classifier) are removed, so training and
+    evaluation both see the main head's logits. Loaded hub weights keep the main network's values."""
+    if getattr(model, "aux_logits", False):
+        model.aux_logits = False
+        for head in ("aux1", "aux2", "AuxLogits"):  # GoogLeNet, Inception v3
+            if getattr(model, head, None) is not None:
+                setattr(model, head, None)
     return model
 
 
