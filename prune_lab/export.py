@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from prune_lab.models import build_from_spec
+from prune_lab.models.weights import load_plain
 from prune_lab.sparsity import MaskSet, shrink
 from prune_lab.sparsity.measure import inference_copy
 
@@ -92,5 +93,5 @@ def load_model(run_dir: str | Path) -> nn.Module:
             plan[root] = keep
         model = shrink(model, plan, torch.zeros(1, *meta["input_shape"]))
     remove_modules(model, meta.get("removed_modules", []))
-    model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
+    load_plain(model, load_file(str(run_dir / "model.safetensors")))
     return model.eval()

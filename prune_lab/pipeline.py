@@ -27,6 +27,7 @@ from prune_lab.callbacks import QuietSteps, ResumableCheckpoint, RNGState
 from prune_lab.callbacks.checkpoint import save_checkpoint_atomic
 from prune_lab.errors import PruneLabError
 from prune_lab.loggers import prepare_wandb, publish
+from prune_lab.models.weights import load_plain
 from prune_lab.module import PruneLabModule
 from prune_lab.sparsity import latency_ms
 from prune_lab.sparsity.latency import cpu_isa, cpu_name
@@ -257,9 +258,9 @@ def run(cfg: DictConfig) -> dict:
     out_dir = Path(cfg.paths.output_dir)
     dense = dense_reference(cfg, dm, model, example)
     if cfg.method.needs_dense or weights == "auto":
-        model.load_state_dict(dense["state_dict"])
+        load_plain(model, dense["state_dict"])
     dense_model = copy.deepcopy(model).cpu().eval()
-    dense_model.load_state_dict(dense["state_dict"])
+    load_plain(dense_model, dense["state_dict"])
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = PruneLabModule(model, dm.num_classes, example, build(cfg.module.optimizer), build(cfg.module.scheduler),

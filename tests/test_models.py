@@ -306,3 +306,20 @@ def test_auxiliary_heads_are_removed_so_training_sees_one_logits_tensor(name):
     assert not model.aux_logits and not any("aux" in n.lower() for n, _ in model.named_children())
     out = model(torch.randn(2, 3, 96 if name == "googlenet" else 299, 96 if name == "googlenet" else 299))
     assert isinstance(out, torch.Tensor) and out.shape == (2, 7)
+
+
+def test_a_safetensors_state_dict_loads_into_a_model_that_checks_its_module_versions(tmp_path):
+    """torchvision's MNASNet refuses a state dict without module versions (safetensors keeps none);
+    load_plain attaches the model's own, as the dense-reference cache and export reload them."""
+    from safetensors.torch import load_file
+
+    from prune_lab.models.weights import load_plain
+
+    model = create_model("mnasnet0_5", num_classes=10, source="torchvision")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    plain = load_file(str(tmp_path / "w.safetensors"))
+    fresh = create_model("mnasnet0_5", num_classes=10, source="torchvision")
+    with pytest.raises(ValueError, match="version"):
+        fresh.load_state_dict(plain)
+    load_plain(fresh, plain)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))

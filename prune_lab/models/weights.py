@@ -132,9 +132,22 @@ def load_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor], origin: 
         if unexpected:
             parts.append(f"{len(unexpected)} file keys not in the model (e.g. '{unexpected[0]}')")
         raise PruneLabError(f"{origin} does not match the model: " + "; ".join(parts))
-    model.load_state_dict(state_dict, strict=True)
+    load_plain(model, state_dict)
 
 
 def _one_line(err: BaseException) -> str:
     text = " ".join(str(err).split())[:200]
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def load_plain(model: nn.Module, state_dict: dict, strict: bool = True):
+    """`model.load_state_dict` for a state dict read from a file without PyTorch's per-module metadata
+    (safetensors keeps tensors only): the model's own module versions are attached, as a state dict
+    saved by `torch.save` would carry them. Modules that check their version when loading (torchvision's
+    MNASNet refuses None) then load as they would from their own state dict."""
+    if getattr(state_dict, "_metadata", None) is None:
+        from collections import OrderedDict
+
+        state_dict = OrderedDict(state_dict)
+        state_dict._metadata = getattr(model.state_dict(), "_metadata", None)
+    return model.load_state_dict(state_dict, strict=strict)
