@@ -15,7 +15,8 @@ The op says which word supports the claim: ">" better; ">=" better or not worse;
 
 Multiplicity. A study marks at most three claims `primary` (the paper's headline claims). They need
 at least PRIMARY_SEEDS seeds (fewer: "needs N more seeds", never a verdict) and are adjusted with
-Holm–Bonferroni across the study's judged primaries at one-sided level ALPHA (the claim's own null
+Holm–Bonferroni across the study's primaries at one-sided level ALPHA (a primary not judged yet
+counts as p = 1) (the claim's own null
 hypothesis: d ≤ 0 for ">", d ≤ −m for ">=", |d| ≥ m for "=="). The adjusted verdict is the claim's
 word when Holm rejects its null; otherwise the interval at the Bonferroni level 1 − 2·ALPHA/k is read
 (it can only say worse, within noise, or a word that does not support the claim). Every other claim
@@ -117,8 +118,10 @@ def adjust(records: list[dict], diffs_of) -> None:
 
     `diffs_of(record)` gives the record's differences (points) for the Bonferroni-level interval.
     """
+    # the family is every primary claim of the study; one not judged yet (too few seeds) counts as p = 1,
+    # last in Holm's order: it is never rejected and keeps the others' correction as strict as it will be
     family = [r for r in records if r["primary"] and r["judged"]]
-    k = len(family)
+    k = sum(1 for r in records if r["primary"] and r["verdict"] != "budget not run")
     running = 0.0
     for rank, r in enumerate(sorted(family, key=lambda r: r["p"])):
         running = max(running, min(1.0, (k - rank) * r["p"]))  # Holm's step-down adjusted p

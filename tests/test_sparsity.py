@@ -575,6 +575,7 @@ def test_latency_ms_measures_copies_and_leaves_models_untouched():
                                 warmup=1, repeats=3, channels_last=True, fold_bn=True)
     assert set(times) == {"a", "b"} and all(t > 0 and math.isfinite(t) for t in times.values())
     assert set(applied.pop("min_ms")) == {"a", "b"}
+    assert set(applied.pop("contention")) == {"runnable_others", "cores", "threads", "contended"}
     assert applied == {"bn_folded": True, "compiled": False}
     assert model.training and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
@@ -614,6 +615,7 @@ def test_compiled_deployment_computes_what_the_model_computes():
     times, applied = latency_ms({"m": model}, x[:1], batch_size=4, warmup=1, repeats=2, channels_last=True,
                                 fold_bn=True, compile=True)
     assert applied.pop("min_ms")["m"] <= times["m"]
+    applied.pop("contention")
     assert applied == {"bn_folded": True, "compiled": True} and times["m"] > 0
 
 

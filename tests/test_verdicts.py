@@ -113,7 +113,7 @@ def test_p_value_of_identical_differences_follows_the_sign():
 
 
 # -- seeds needed --------------------------------------------------------------------------------------
-def test_primary_claims_need_five_seeds_and_are_not_adjusted_before():
+def test_primary_claims_need_five_seeds_and_count_in_the_family_before():
     four = judge([1.0, 1.1, 1.2, 1.3], ">", 0.25, primary=True)
     assert four["verdict"] == four["raw_verdict"] == "needs 1 more seed" and not four["judged"]
     assert four["label"] == "primary" and four["mean"] == pytest.approx(1.15)
@@ -124,7 +124,8 @@ def test_primary_claims_need_five_seeds_and_are_not_adjusted_before():
     adjust([four, five], lambda r: r["diffs"])
     assert "adjusted_p" not in four and "family" not in four and "ci_adjusted" not in four
     assert four["verdict"] == "needs 1 more seed"
-    assert five["family"] == 1 and five["adjusted_p"] == pytest.approx(five["p"])  # a family of one: no penalty
+    # the unjudged primary still belongs to the family (as p = 1, last): the judged one is corrected for 2
+    assert five["family"] == 2 and five["adjusted_p"] == pytest.approx(2 * five["p"])
     assert judge([1.0, 1.1, 1.2], ">", 0.25, primary=False)["verdict"] == "better"  # exploratory: 3 suffice
     assert judge([1.0, 1.1], ">", 0.25, primary=False)["verdict"] == "needs 1 more seed"
     assert judge([1.0], ">", 0.25, primary=True)["verdict"] == "needs 4 more seeds"
