@@ -136,13 +136,14 @@ def compile_for_inference(model: nn.Module, x: torch.Tensor) -> nn.Module:
 
 
 def runnable_others() -> int | None:
-    """Processes runnable on this machine right now besides the one reading (Linux /proc/loadavg's
-    4th field, "running/total"); None where it cannot be read. A latency measured while others run
+    """Threads runnable on this machine right now besides this process's (Linux /proc/loadavg's 4th
+    field, "running/total", less torch's intra-op threads); None where it cannot be read. A latency measured while others run
     shares cores, caches and memory bandwidth with them (two study jobs beside the quick start
     made its 0.73 ms read 175 ms)."""
     try:
         with open("/proc/loadavg") as f:
-            return max(0, int(f.read().split()[3].split("/")[0]) - 1)
+            # the count is of threads: this process's own intra-op threads may be spinning (runnable) too
+            return max(0, int(f.read().split()[3].split("/")[0]) - torch.get_num_threads())
     except (OSError, ValueError, IndexError):
         return None
 
