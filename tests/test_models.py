@@ -323,3 +323,14 @@ def test_a_safetensors_state_dict_loads_into_a_model_that_checks_its_module_vers
         fresh.load_state_dict(plain)
     load_plain(fresh, plain)
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+
+
+def test_a_convolutional_classifier_is_found_and_kept_out_of_channel_pruning():
+    """SqueezeNet ends in a 1x1 conv to the classes: that conv is its classifier (no nn.Linear needed)."""
+    from prune_lab.sparsity import ChannelGroups
+
+    model = create_model("squeezenet1_0", num_classes=7, source="torchvision")
+    name, head = classifier_of(model)
+    assert name == "classifier.1" and isinstance(head, nn.Conv2d) and head.out_channels == 7
+    groups = ChannelGroups(model, torch.randn(1, 3, 64, 64), ignored=[head])
+    assert all("classifier.1" != root for root in groups.roots)

@@ -113,8 +113,9 @@ def build_from_spec(spec: Mapping[str, Any]) -> nn.Module:
     )
 
 
-def classifier_of(model: nn.Module) -> tuple[str, nn.Linear]:
-    """Name and module of the final classification layer (kept out of channel pruning)."""
+def classifier_of(model: nn.Module) -> tuple[str, nn.Module]:
+    """Name and module of the final classification layer (kept out of channel pruning): the last
+    nn.Linear, or for a model without one the last nn.Conv2d (a convolutional classifier)."""
     named = dict(model.named_modules())
     # timm records the classifier's name for every model; trust it over guessing.
     timm_name = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
@@ -130,9 +131,13 @@ def classifier_of(model: nn.Module) -> tuple[str, nn.Linear]:
             if inner:
                 return inner[-1]
     linears = [(n, m) for n, m in named.items() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise PruneLabError(f"model {type(model).__name__} has no nn.Linear classifier; expected an fc/classifier/head layer")
-    return linears[-1]
+    if linears:
+        return linears[-1]
+    # a convolutional classifier (SqueezeNet: a 1x1 conv to the classes, then global pooling): the last conv
+    convs = [(n, m) for n, m in named.items() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        raise PruneLabError(f"model {type(model).__name__} has no classifier: no nn.Linear and no nn.Conv2d layer")
+    return convs[-1]
 
 
 def _create_prune_lab(name: str, num_classes: int, in_channels: int, hub_weights: str | None, kwargs: dict) -> nn.Module:
