@@ -41,6 +41,7 @@ from torch import nn
 
 from prune_lab.errors import PruneLabError
 from prune_lab.sparsity.nm import NMPattern
+from prune_lab.sparsity.reconstruction import StopForward, forward_until_stopped
 
 # unfold at most this many elements at once (a batch is split along samples beyond it)
 _CHUNK_ELEMENTS = 1 << 25
@@ -210,8 +211,6 @@ def relative_output_error(w: torch.Tensor, w_hat: torch.Tensor, gram: torch.Tens
 
 
 # -- calibration passes, layer by layer ---------------------------------------------------------
-class _Stop(Exception):
-    """Raised by a capture hook: nothing after the layer of interest needs computing."""
 
 
 @torch.no_grad()
@@ -255,7 +254,7 @@ def collect_inputs(model: nn.Module, layers: dict[str, nn.Module], batches, gram
         def fn(_mod, args, _out):
             stats[n].update(args[0].detach())
             if stop_after:
-                raise _Stop
+                raise StopForward
         return fn
 
     handles = [layer.register_forward_hook(hook(n)) for n, layer in layers.items()]
@@ -268,11 +267,7 @@ def collect_inputs(model: nn.Module, layers: dict[str, nn.Module], batches, gram
         m.train()
         m.momentum = 0.0
     try:
-        for x, _ in batches:
-            try:
-                model(x)
-            except _Stop:
-                pass
+        forward_until_stopped(model, batches)
     finally:
         for hd in handles:
             hd.remove()

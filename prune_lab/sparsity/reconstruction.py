@@ -15,8 +15,18 @@ from torch import nn
 from torch.func import functional_call
 
 
-class _Stop(Exception):
+class StopForward(Exception):
     """Raised by a capture hook: nothing after the layer of interest needs computing."""
+
+
+def forward_until_stopped(model: nn.Module, batches) -> None:
+    """Run every calibration batch through `model`; a hook that has seen what it needs raises
+    StopForward, which ends that batch's forward early."""
+    for x, _ in batches:
+        try:
+            model(x)
+        except StopForward:
+            pass
 
 
 @torch.no_grad()
@@ -28,17 +38,13 @@ def _capture(model: nn.Module, layer: nn.Module, batches, want_output: bool) -> 
         ins.append(args[0].detach())
         if want_output:
             outs.append(out.detach())
-        raise _Stop
+        raise StopForward
 
     handle = layer.register_forward_hook(hook)
     was_training = model.training
     model.eval()
     try:
-        for x, _ in batches:
-            try:
-                model(x)
-            except _Stop:
-                pass
+        forward_until_stopped(model, batches)
     finally:
         handle.remove()
         model.train(was_training)
