@@ -13,9 +13,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import math
 import re
-import statistics
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
