@@ -42,9 +42,14 @@ def make_scheduler(factory: Callable, optimizer, total_steps: int, epochs: int |
 class PruneLabModule(L.LightningModule):
     def __init__(self, model: nn.Module, num_classes: int, example_input: torch.Tensor,
                  optimizer: Callable, scheduler: Callable | None = None, label_smoothing: float = 0.0,
-                 channels_last: bool = False):
+                 channels_last: bool = False, compile: bool = False):
         super().__init__()
         self.model = model
+        # `module.compile`: the forward (and so its backward) through torch.compile; masks stay
+        # enforced outside the graph by in-place multiplies on the parameters, which the compiled
+        # graph reads as inputs, so no recompilation follows a mask change
+        self.compile = compile
+        self._compiled: tuple = ()  # (model it wraps, compiled) — a tuple keeps it out of state_dict
         # train in NHWC: the fast path of oneDNN and cuDNN convolutions (scripts/bench.py measures it)
         self.channels_last = channels_last and example_input.dim() == 4
         self.masks = MaskSet(model)
@@ -123,7 +128,24 @@ class PruneLabModule(L.LightningModule):
     def forward(self, x):
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
+        if self.compile and self.training:  # evaluation runs eager: one graph to compile, not three
+            return self._compiled_forward(x)
         return self.model(x)
+
+    def _compiled_forward(self, x):
+        # compiled once per model object: a callback that replaces the model (shrink, expansion,
+        # merge) gets a fresh compilation instead of the old graph
+        if not self._compiled or self._compiled[0] is not self.model:
+            self._compiled = (self.model, torch.compile(self.model))
+        try:
+            return self._compiled[1](x)
+        except Exception as e:  # noqa: BLE001 - Inductor failures (no C++ compiler, an unsupported op)
+            if not type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
+                raise  # an error of the model itself, not of its compilation
+            log.warning("module.compile: training eager instead; torch.compile failed: %s",
+                        str(e).strip().splitlines()[0][:200])
+            self.compile = False
+            return self.model(x)
 
     def training_step(self, batch, batch_idx):
         x, y = batch

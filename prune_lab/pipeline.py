@@ -77,14 +77,18 @@ def merge_reports(results: dict, reports: list[dict]) -> None:
 # -- the dense reference ----------------------------------------------------------------
 def dense_key(cfg: DictConfig) -> str:
     """Identifies a dense model: architecture, data, recipe and seed (not paths or workers)."""
-    # calibration_size only restricts what a post-training method sees; the dense model uses all data
-    skip = {"root", "num_workers", "eval_batch_size", "download", "calibration_size"}
+    # calibration_size only restricts what a post-training method sees; the dense model uses all data;
+    # on_device moves the same batches elsewhere
+    skip = {"root", "num_workers", "eval_batch_size", "download", "calibration_size", "on_device"}
     data = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k not in skip}
     model = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "weights"}
     module = OmegaConf.to_container(cfg.module, resolve=True)
     module["optimizer"]["lr"] = cfg.dense.lr
     if not module.get("channels_last"):  # the default layout: cache keys stay those of earlier versions
         module.pop("channels_last", None)
+    # compiled and eager training compute the same function up to float rounding (as thread counts do):
+    # they share one dense reference
+    module.pop("compile", None)
     blob = json.dumps({"v": 1, "model": model, "data": data, "dense": OmegaConf.to_container(cfg.dense, resolve=True),
                        "module": module, "seed": cfg.seed, "precision": str(cfg.trainer.get("precision"))},
                       sort_keys=True)
@@ -116,7 +120,8 @@ def dense_reference(cfg: DictConfig, dm, model: torch.nn.Module, example: torch.
     dense_model = copy.deepcopy(model)
     optimizer = build(cfg.module.optimizer, lr=cfg.dense.lr)
     module = PruneLabModule(dense_model, dm.num_classes, example, optimizer, build(cfg.module.scheduler),
-                            cfg.module.get("label_smoothing", 0.0), cfg.module.get("channels_last", False))
+                            cfg.module.get("label_smoothing", 0.0), cfg.module.get("channels_last", False),
+                            cfg.module.get("compile", False))
     tmp = cache.with_name(f".{cache.name}.tmp{os.getpid()}")
     # its own resumable checkpoint, keyed like the cache: a killed dense training resumes (sweep
     # jobs training the same model share it; they follow the same trajectory)
@@ -264,7 +269,8 @@ def run(cfg: DictConfig) -> dict:
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = PruneLabModule(model, dm.num_classes, example, build(cfg.module.optimizer), build(cfg.module.scheduler),
-                            cfg.module.get("label_smoothing", 0.0), cfg.module.get("channels_last", False))
+                            cfg.module.get("label_smoothing", 0.0), cfg.module.get("channels_last", False),
+                            cfg.module.get("compile", False))
     module.teacher = copy.deepcopy(dense_model)  # the frozen dense reference, for distillation callbacks
     trainer = build(cfg.trainer, callbacks=callbacks + run_callbacks + [QuietSteps()], logger=loggers or False)
     t_fit = time.time()
@@ -352,6 +358,7 @@ def run(cfg: DictConfig) -> dict:
         "layers": layers,
         "train": {"epochs": int(trainer.current_epoch), "steps": int(trainer.global_step), "wall_s": wall,
                   "world_size": int(trainer.world_size), "total_wall_s": time.time() - t_start,
+                "precision": str(trainer.precision), "compiled": bool(module.compile and trainer.global_step),
                   "mask_digest_per_rank": digests},
         "export": {"max_abs_diff_masked_vs_deployed": export_diff},
         "env": {"git_sha": report.git_sha(Path(cfg.paths.root_dir)), "torch": torch.__version__,

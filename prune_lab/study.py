@@ -322,14 +322,18 @@ def verdicts(study: Study, rows: list[dict]) -> list[dict]:
 
 
 # -- running ------------------------------------------------------------------------------------
-def run_jobs(jobs: list[Job], workers: int, threads: int, python: str, progress=None) -> list[tuple[Job, int]]:
+def run_jobs(jobs: list[Job], workers: int, threads: int, python: str, progress=None,
+             devices: list[str] | None = None) -> list[tuple[Job, int]]:
     """Run the unfinished jobs, `workers` at a time, each `train.py` process with `threads` threads.
 
-    The first job of each seed runs before that seed's others start: it trains the seed's dense
-    reference, which the others then read from the cache instead of training it again in parallel.
-    Returns (job, exit code) for the jobs that failed.
+    With `devices` (GPU indices), `workers` is per device: each device holds that many jobs at once,
+    each job pinned to one device by CUDA_VISIBLE_DEVICES (a freed slot takes the next job, so the
+    devices fill round-robin and stay full). The first job of each seed runs before that seed's
+    others start: it trains the seed's dense reference, which the others then read from the cache
+    instead of training it again in parallel. Returns (job, exit code) for the jobs that failed.
     """
     import os
+    import queue
     import subprocess
     import threading
     from concurrent.futures import ThreadPoolExecutor
@@ -345,19 +349,25 @@ def run_jobs(jobs: list[Job], workers: int, threads: int, python: str, progress=
     # one lock for every study on this machine: a job measuring latency pauses the others' batches
     env.setdefault(quiet.ENV, str(ROOT / "outputs" / "quiet.lock"))
     failed: list[tuple[Job, int]] = []
+    slots: queue.Queue = queue.Queue()  # the device of each free slot (None: no pinning)
+    for i in range(max(1, workers) * len(devices or [None])):
+        slots.put(None if not devices else devices[i % len(devices)])
 
     def one(job: Job) -> None:
         if leaders[job.seed] is not job:
             ready[job.seed].wait()
+        device = slots.get()
         try:
             job.directory.mkdir(parents=True, exist_ok=True)
             with open(job.directory / "run.log", "a") as log:
                 cmd = [python, str(ROOT / "train.py"), *job.overrides, f"hydra.run.dir={job.directory}",
                        "callbacks.progress_bar.leave=false"]
-                rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+                job_env = env if device is None else {**env, "CUDA_VISIBLE_DEVICES": str(device)}
+                rc = subprocess.run(cmd, cwd=ROOT, env=job_env, stdout=log, stderr=subprocess.STDOUT).returncode
             if rc:
                 failed.append((job, rc))
         finally:
+            slots.put(device)
             if leaders[job.seed] is job:
                 ready[job.seed].set()
             if progress is not None:
@@ -365,6 +375,6 @@ def run_jobs(jobs: list[Job], workers: int, threads: int, python: str, progress=
 
     # leaders are queued first, so a worker never waits for a leader that no worker has taken
     order = list(leaders.values()) + [j for j in todo if leaders[j.seed] is not j]
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+    with ThreadPoolExecutor(max_workers=slots.qsize()) as pool:
         list(pool.map(one, order))
     return failed

@@ -5,6 +5,7 @@
     python scripts/bench.py --device cuda --amp bf16 --compile    # on a GPU: bf16 autocast, torch.compile
     python scripts/bench.py --only latency --latency-target 0.5 --out bench_latency.json   # the latency-target bench alone
     python scripts/bench.py --only nm --device cuda --out bench_nm.json   # 2:4 semi-structured kernels vs dense (GPU)
+    python scripts/bench.py --only compile --out bench_compile.json   # module.compile=true: compiled/eager training step
 
 Every figure is a ratio against a baseline measured in the same process, from medians over
 interleaved repeats (dense, masked, dense, masked, ...), so slow drift of the machine cancels.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import warnings
@@ -27,7 +29,7 @@ import torchvision
 from prune_lab.bench.deployment import realized_speedup
 from prune_lab.bench.latency_target import latency_target_speedup
 from prune_lab.bench.semi_structured import semi_structured_speedup
-from prune_lab.bench.training import (channels_last_gain, peak_memory, stp_search_cost, train_overhead,
+from prune_lab.bench.training import (channels_last_gain, compile_gain, peak_memory, stp_search_cost, train_overhead,
                                       unipts_search_cost, update_cost)
 from prune_lab.models import create_model
 from prune_lab.sparsity.latency import cpu_isa, cpu_name
@@ -43,7 +45,7 @@ def main() -> int:
     ap.add_argument("--amp", choices=("none", "bf16"), default="none", help="autocast for the training steps")
     ap.add_argument("--compile", action="store_true", help="torch.compile the forward of both models timed in training")
     ap.add_argument("--size", type=int, default=224, help="ResNet-50 input size of the speed-up benchmarks")
-    ap.add_argument("--only", choices=("latency", "nm"), help="run only this section (latency: the latency-target "
+    ap.add_argument("--only", choices=("latency", "nm", "compile"), help="run only this section (latency: the latency-target "
                     "one; nm: 2:4 through PyTorch's semi-structured sparse kernels, CUDA only)")
     lat = ap.add_argument_group("latency target: ResNet-50 pruned to a measured latency budget, "
                                 "batch 1 and 16, served on CPU, against torch-pruning's uniform at equal latency")
@@ -73,27 +75,36 @@ def main() -> int:
     t_start = time.time()
     res: dict = {"env": {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_name(), "cpu_isa": cpu_isa(),
                          "device": device, "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
-                         "amp": amp, "compile": args.compile, "quick": quick}}
+                         "amp": amp, "compile": args.compile, "quick": quick,
+                         "date": time.strftime("%Y-%m-%d"), "host_load": os.getloadavg()[0]}}
     if args.latency_target is not None:
         res["latency_target"] = latency_target_speedup(
             args.latency_target, batches=(1, 16), size=args.size, points=args.table_points,
             cache_dir=None if args.table_cache == "none" else args.table_cache, round_to=args.latency_round_to,
             tolerance=args.latency_tolerance, rounds=args.latency_rounds, repeats=9 if quick else 21,
             noise_k=args.noise_k)
-    if args.only != "latency":
+    if args.only in (None, "nm"):
         res["semi_structured_2_4"] = semi_structured_speedup(device, repeats=20 if quick else 50)
+    batch = 64 if quick and device == "cpu" else 128
+    r20 = create_model("resnet20", num_classes=10).to(device)
+    x, y = torch.randn(batch, 3, 32, 32, device=device), torch.randint(0, 10, (batch,), device=device)
+    if args.only in (None, "compile"):  # module.compile=true: the training step's compiled/eager ratio
+        res["compiled_training"] = compile_gain("resnet20", r20, x, y, steps=4 if device == "cpu" else 20,
+                                                rounds=6 if quick else 12, sync=sync, amp=amp)
     if args.only:  # one section alone: write it, print its table, stop
         res["wall_s"] = time.time() - t_start
         args.out.write_text(json.dumps(res, indent=2))
         if args.only == "nm":
             print_nm(res["semi_structured_2_4"])
+        elif args.only == "compile":
+            c = res["compiled_training"]
+            print(f"masked training step, {c['model']} batch {c['batch']}: eager {c['eager_step_ms']:.1f} ms, compiled "
+                  f"{c['compiled_step_ms']:.1f} ms (compiled/eager {c['compiled_over_eager']:.2f}x; first compiled "
+                  f"step {c['first_compiled_step_s']:.0f} s)")
         else:
             print_latency_table(res["latency_target"])
         print(f"wrote {args.out} in {res['wall_s']:.0f} s")
         return 0
-    batch = 64 if quick and device == "cpu" else 128
-    r20 = create_model("resnet20", num_classes=10).to(device)
-    x, y = torch.randn(batch, 3, 32, 32, device=device), torch.randint(0, 10, (batch,), device=device)
     kw = {"sync": sync, "amp": amp, "compile_": args.compile}
     res["train_overhead"] = [train_overhead("resnet20", r20, x, y, steps=4 if device == "cpu" else 20,
                                             rounds=16 if quick else 24, **kw)]

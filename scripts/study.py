@@ -35,7 +35,9 @@ from prune_lab.study_plots import curves  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("study", nargs="?", help="a name in conf/study/ or a path to a study yaml")
-    ap.add_argument("--jobs", type=int, default=2, help="jobs run at a time (default 2)")
+    ap.add_argument("--jobs", type=int, default=2, help="jobs run at a time (default 2); per device with --devices")
+    ap.add_argument("--devices", nargs="+", metavar="GPU", help="GPU indices to fill (or 'all'): --jobs jobs on "
+                    "each, every job pinned to one (CUDA_VISIBLE_DEVICES); add --set trainer=gpu data.on_device=true")
     ap.add_argument("--threads", type=int, default=1, help="threads per job (OMP_NUM_THREADS, default 1)")
     ap.add_argument("--seeds", type=int, nargs="+", help="replace the study's seeds (re-checks)")
     ap.add_argument("--budgets", type=float, nargs="+", help="replace the study's budgets")
@@ -54,6 +56,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fresh", action="store_true", help="run every job without a results.json, ignoring the rows "
                     "of the report's table.csv")
     args = ap.parse_args(argv)
+    devices = None
+    if args.devices:  # checked before anything runs: a typo must not start jobs on the wrong device
+        import torch
+
+        count = torch.cuda.device_count()
+        devices = [str(i) for i in range(count)] if args.devices == ["all"] else args.devices
+        if not devices or any(not d.isdigit() or int(d) >= count for d in devices):
+            ap.error(f"--devices {' '.join(args.devices)}: {count} CUDA device(s) visible here; give indices "
+                     f"0..{count - 1} or 'all'" if count else f"--devices {' '.join(args.devices)}: no CUDA device "
+                     "is visible here; leave --devices out to run on the CPU")
     if args.summary:
         from prune_lab.results_summary import write_summary
 
@@ -99,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
                       TimeElapsedColumn(), TextColumn("{task.fields[last]}")) as bar:
             task = bar.add_task(f"study {study.name}", total=len(jobs), completed=finished, last="")
             failed = run_jobs([j for j, c in zip(jobs, is_carried) if not c], args.jobs, args.threads, sys.executable,
-                              progress=lambda j: bar.update(task, advance=1, last=f"{j.variant} b={j.budget:g} s={j.seed}"))
+                              progress=lambda j: bar.update(task, advance=1, last=f"{j.variant} b={j.budget:g} s={j.seed}"),
+                              devices=devices)
     rows = collect(study, out, carried)
     judged = write_report(covering(study, rows), rows, report)
     drawn = curves(study, study.jobs(out), report / "curves.png")

@@ -15,6 +15,22 @@ ROOT = Path(__file__).resolve().parent.parent
 FAST = ["experiment=quickstart", "data.image_size=8", "epochs=2", "dense.epochs=4", "latency.repeats=2",
         "latency.warmup=1", "callbacks.progress_bar.leave=false"]
 
+# One representative configuration per method family on the FAST quick start (the sync audit and
+# the bf16 tests run each of them)
+FAMILIES = {
+    "magnitude (one-shot)": ["method=magnitude", "budget=0.9"],
+    "GMP (gradual)": ["method=gmp", "budget=0.8"],
+    "L1-filter (channels)": ["method=l1_filter", "budget=0.5"],
+    "N:M (SR-STE)": ["method=sr_ste", "budget=0.5", "method.pattern=2:4"],
+    "over-parameterization + SP-KD": ["method=overparam", "budget=0.5"],
+    "RigL": ["method=rigl", "budget=0.9", "method.every=5"],
+    "IEE": ["method=iee", "budget=0.9", "method.cycles=3"],
+    "STP": ["method=stp", "budget=0.5", "method.callbacks.stp.search_population=8",
+            "method.callbacks.stp.search_generations=2"],
+    "UniPTS": ["method=unipts", "budget=0.9", "method.generations=1", "method.population=4", "method.parents=2"],
+    "latency target (channels)": ["method=l1_filter", "method.target=latency", "budget=0.2"],
+}
+
 
 def compose_cfg(overrides: list[str], out_dir: Path, dense_dir: Path):
     if "method=unipts" in overrides and not any(o.startswith("method.search_cache=") for o in overrides):

@@ -386,3 +386,43 @@ def test_config_keys_are_constructor_arguments(name, tmp_path):
     assert isinstance(dm, cls) and dm.seed == 7 and dm.name == name
     if hasattr(dm, "root"):
         assert dm.root.startswith(str(tmp_path))
+
+
+# ---------------------------------------------------------------- batches cut from tensors
+
+def _per_image_batches(dataset, sampler, batch_size):
+    """What the loaders served before: one __getitem__ per image, default collation."""
+    return list(torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=list(sampler)))
+
+
+@pytest.mark.parametrize("calibration_size", [None, 50])
+def test_tensor_data_is_served_in_whole_batches_equal_to_the_per_image_path(calibration_size):
+    dm = DigitsDataModule(image_size=8, batch_size=32, eval_batch_size=100, calibration_size=calibration_size)
+    dm.setup()
+    loader = dm.train_dataloader()
+    loader.sampler.set_epoch(2)
+    batched, per_image = list(loader), _per_image_batches(dm.train_set, loader.sampler, 32)
+    assert len(batched) == len(per_image) > 1
+    for (x, y), (x0, y0) in zip(batched, per_image):
+        assert torch.equal(x, x0) and torch.equal(y, y0) and y.dtype == y0.dtype == torch.long
+    for x, y in dm.val_dataloader():  # unshuffled, in order
+        assert torch.equal(x, dm.val_set.images[: len(x)]) and torch.equal(y, dm.val_set.labels[: len(y)])
+        break
+    assert dm.train_set[0][0].shape == (1, 8, 8) and isinstance(dm.train_set[0][1], int)  # users' view unchanged
+
+
+def test_on_device_is_refused_for_data_decoded_per_image_and_with_workers(tmp_path):
+    with pytest.raises(PruneLabError) as err:
+        CIFAR10DataModule(root=str(tmp_path), download=False, on_device=True)
+    assert "on_device" in _assert_one_line(err) and "fashion_mnist" in str(err.value)
+    with pytest.raises(PruneLabError) as err:
+        DigitsDataModule(on_device=True, num_workers=2)
+    assert "num_workers=0" in _assert_one_line(err)
+
+
+def test_on_device_serves_tensors_on_the_trainer_device():
+    dm = SyntheticDataModule(num_samples=40, image_size=4, batch_size=8, on_device=True)
+    dm.setup()
+    dm.trainer = SimpleNamespace(world_size=1, global_rank=0, strategy=SimpleNamespace(root_device=torch.device("meta")))
+    x, y = dm.train_dataloader().dataset.__getitems__([0, 1, 2])
+    assert x.device.type == "meta" and y.device.type == "meta" and x.shape[0] == 3

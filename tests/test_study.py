@@ -316,3 +316,43 @@ def test_extra_overrides_replace_the_base_key_and_rerun_on_other_seeds(tmp_path)
     assert all(j.overrides[:2] == ("experiment=fashion_mnist", "epochs=2") for j in jobs)
     # jobs of different seeds and budgets live in different folders: re-checks never overwrite
     assert len({j.directory for j in jobs}) == len(jobs)
+
+
+def test_jobs_fill_each_device_and_stay_pinned_to_it(tmp_path):
+    """--devices: `workers` jobs per device at once, each job's CUDA_VISIBLE_DEVICES one device; checked
+    with a stand-in for python that records its device and the jobs running beside it."""
+    from prune_lab.study import run_jobs
+
+    fake = tmp_path / "fake_python"
+    fake.write_text(f"""#!/bin/sh
+d={tmp_path}/running; mkdir -p $d
+touch $d/$$.$CUDA_VISIBLE_DEVICES
+ls $d > {tmp_path}/seen.$$.start
+sleep 0.3
+ls $d > {tmp_path}/seen.$$.end
+echo $CUDA_VISIBLE_DEVICES > "$(echo "$@" | sed 's/.*hydra.run.dir=\\([^ ]*\\).*/\\1/')/device"
+rm $d/$$.$CUDA_VISIBLE_DEVICES
+""")
+    fake.chmod(0o755)
+    path = write_yaml(tmp_path / "dev.yaml", "variants: {A: [method=magnitude], B: [method=random]}\nbudgets: [0.5, 0.9]\n")
+    study = load_study(str(path))
+    jobs = study.jobs(tmp_path / "o")  # 12 jobs: 2 variants x 2 budgets x 3 seeds
+    assert run_jobs(jobs, 2, 1, str(fake), devices=["0", "1"]) == []
+    devices = [(j.directory / "device").read_text().strip() for j in jobs]
+    assert sorted(set(devices)) == ["0", "1"] and min(devices.count("0"), devices.count("1")) >= 4
+    listings = [seen.read_text().split() for seen in tmp_path.glob("seen.*")]
+    assert len(listings) == 2 * len(jobs)
+    for names in listings:  # whenever a job looked, at most 2 jobs ran on each device
+        assert all(sum(n.endswith(f".{d}") for n in names) <= 2 for d in ("0", "1")), names
+    assert max(len(names) for names in listings) >= 3  # and the devices did fill
+
+
+def test_devices_without_a_gpu_are_one_line(capsys):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from study import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["dst", "--devices", "0", "--dry-run"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--devices 0" in err and "no CUDA device" in err

@@ -108,6 +108,20 @@ def channels_last_gain(name: str, model, x, y, steps: int, rounds: int, sync, am
             "speedup": paired_ratio(t["nchw"], t["channels_last"])}
 
 
+def compile_gain(name: str, model, x, y, steps: int, rounds: int, sync, amp=None) -> dict:
+    """Masked training eager vs through torch.compile (`module.compile=true`: the forward and its
+    backward compiled, masks enforced outside the graph as MaskUpdate does): compiled/eager step
+    time, and the seconds the first compiled step took (compilation)."""
+    eager, compiled = copy.deepcopy(model), copy.deepcopy(model)
+    steps_by_name = {"eager": sgd_step(eager, x, y, amp, sparse_masks(eager, 0.9)),
+                     "compiled": sgd_step(compiled, x, y, amp, sparse_masks(compiled, 0.9), compile_=True)}
+    first = timed(steps_by_name["compiled"], sync)
+    t = interleaved_steps(steps_by_name, steps, rounds, sync, warmup=2)
+    return {"model": name, "batch": len(x), "amp": amp, "eager_step_ms": 1e3 * statistics.median(t["eager"]),
+            "compiled_step_ms": 1e3 * statistics.median(t["compiled"]), "first_compiled_step_s": first,
+            "compiled_over_eager": paired_ratio(t["compiled"], t["eager"])}
+
+
 class StepDriver:
     """A bare training loop over one synthetic batch that drives a method's real update code and
     times it: `hook_s[step]` is the time spent in the method's hooks at that optimizer step, and

@@ -31,6 +31,47 @@ class TensorImageDataset(Dataset):
         return self.images[i], int(self.labels[i])
 
 
+class BatchedTensors(Dataset):
+    """Our loaders' view of a dataset held as tensors: a batch is one indexing op (DataLoader's
+    `__getitems__` protocol) instead of a Python call and a collation per image, on whatever
+    device the tensors live (`data.on_device`). The batches are those of the per-image path,
+    element for element; `dm.train_set` itself stays a plain per-image dataset for other code."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.images, self.labels = images, labels
+
+    @classmethod
+    def of(cls, dataset: Dataset) -> Optional["BatchedTensors"]:
+        """The view of a TensorImageDataset (or a Subset of one, e.g. a calibration subset); None
+        for datasets that decode or transform per image."""
+        if isinstance(dataset, TensorImageDataset):
+            return cls(dataset.images, dataset.labels)
+        if isinstance(dataset, Subset):
+            inner = cls.of(dataset.dataset)
+            if inner is not None:
+                idx = torch.as_tensor(dataset.indices, dtype=torch.long)
+                return cls(inner.images[idx], inner.labels[idx])
+        return None
+
+    def to(self, device: torch.device) -> "BatchedTensors":
+        return BatchedTensors(self.images.to(device), self.labels.to(device))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[i], self.labels[i]
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.as_tensor(indices, dtype=torch.long, device=self.images.device)
+        return self.images[idx], self.labels[idx]
+
+
+def whole_batch(batch):
+    """Collation of a batch `BatchedTensors` already assembled: none."""
+    return batch
+
+
 class TransformSubset(Dataset):
     """A subset of a dataset of PIL images, with its own transform.
 
@@ -158,6 +199,7 @@ class ClassificationDataModule(L.LightningDataModule):
     """
 
     name: str = "base"
+    tensor_data: bool = False  # the splits are TensorImageDatasets (no per-image decoding or transforms)
     num_classes: int = 0
     channels: int = 0
     image_size: int = 0
@@ -169,6 +211,7 @@ class ClassificationDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         calibration_size: Optional[int] = None,
+        on_device: bool = False,
     ) -> None:
         super().__init__()
         if int(batch_size) < 1:
@@ -185,6 +228,15 @@ class ClassificationDataModule(L.LightningDataModule):
             raise PruneLabError(f"data.calibration_size={calibration_size} must be a positive integer or null "
                                 "(null: the whole train set)")
         self.calibration_size = None if calibration_size is None else int(calibration_size)
+        # the data as tensors on the training device (a GPU: no host-to-device copy per batch)
+        self.on_device = bool(on_device)
+        if self.on_device and not self.tensor_data:
+            raise PruneLabError(f"data.on_device=true: {type(self).__name__} decodes or transforms images one by one; "
+                                "only data held as tensors can live on the device (digits, fashion_mnist, synthetic)")
+        if self.on_device and self.num_workers:
+            raise PruneLabError(f"data.on_device=true needs data.num_workers=0 (got {num_workers}): the batches "
+                                "are cut from tensors on the device, in the training process")
+        self._views: dict = {}
         self.train_set: Optional[Dataset] = None
         self.val_set: Optional[Dataset] = None
         self.test_set: Optional[Dataset] = None
@@ -243,8 +295,21 @@ class ClassificationDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             # Re-spawning workers every epoch costs seconds on big datasets.
             persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
+            pin_memory=torch.cuda.is_available() and not self.on_device,
         )
+
+    def _served(self, dataset: Dataset) -> tuple[Dataset, dict]:
+        """What a loader reads and its extra arguments: the batched tensor view where the dataset is
+        held as tensors (moved to the trainer's device with `on_device`), else the dataset itself."""
+        key = id(dataset)
+        if key not in self._views or self._views[key][0] is not dataset:
+            view = BatchedTensors.of(dataset)
+            if view is not None and self.on_device:
+                trainer = getattr(self, "trainer", None)
+                view = view.to(trainer.strategy.root_device if trainer is not None else torch.device("cpu"))
+            self._views[key] = (dataset, view)
+        view = self._views[key][1]
+        return (dataset, {}) if view is None else (view, {"collate_fn": whole_batch})
 
     def train_dataloader(self) -> DataLoader:
         dataset = self._require(self.train_set, "train")
@@ -256,8 +321,9 @@ class ClassificationDataModule(L.LightningDataModule):
         # ("Expected more than 1 value per channel"); drop it only then.
         per_device = self.per_device_batch_size(world_size)
         drop_last = len(sampler) > per_device and len(sampler) % per_device == 1
+        served, extra = self._served(dataset)
         loader = ResumableLoader(
-            dataset, batch_size=per_device, sampler=sampler, drop_last=drop_last, **self._loader_kwargs()
+            served, batch_size=per_device, sampler=sampler, drop_last=drop_last, **self._loader_kwargs(), **extra
         )
         if self._resume_loader is not None:  # the first loader after a restore is the trainer's
             loader.load_state_dict(self._resume_loader)
@@ -273,8 +339,9 @@ class ClassificationDataModule(L.LightningDataModule):
         return self.batch_size // world_size
 
     def _eval_loader(self, dataset: Dataset) -> DataLoader:
+        served, extra = self._served(dataset)
         return DataLoader(
-            dataset, batch_size=self.eval_batch_size or self.batch_size, shuffle=False, **self._loader_kwargs()
+            served, batch_size=self.eval_batch_size or self.batch_size, shuffle=False, **self._loader_kwargs(), **extra
         )
 
     def val_dataloader(self) -> DataLoader:

@@ -22,6 +22,8 @@ class DigitsDataModule(ClassificationDataModule):
     different training seeds are evaluated on the same images. No augmentation.
     """
 
+    tensor_data = True
+
     def __init__(self, image_size: int = 16, split_seed: int = 0, **base) -> None:
         super().__init__(**base)
         if int(image_size) < 8:

@@ -43,6 +43,8 @@ class FashionMNISTDataModule(ClassificationDataModule):
     with the training subset's mean and std. No augmentation.
     """
 
+    tensor_data = True
+
     name = "fashion_mnist"
     num_classes = 10
     channels = 1

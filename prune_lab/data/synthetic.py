@@ -19,6 +19,8 @@ class SyntheticDataModule(ClassificationDataModule):
     seeded with ``seed`` so the same seed always gives the same data.
     """
 
+    tensor_data = True
+
     def __init__(
         self,
         num_samples: int = 512,

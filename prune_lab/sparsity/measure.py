@@ -124,6 +124,9 @@ def interleaved_latency_ms(models: dict[str, nn.Module], x: torch.Tensor, warmup
     return times
 
 
+_CONTENTION_WARNED = False
+
+
 def compile_for_inference(model: nn.Module, x: torch.Tensor) -> nn.Module:
     """`torch.compile` (Inductor) with the weights frozen as constants, compiled now for `x`'s
     shape: BN folded, convolutions with fused epilogues (ReLU, residual add), prepacked weights.
@@ -189,9 +192,13 @@ def latency_ms(models: dict[str, nn.Module], example_input: torch.Tensor, batch_
     times = interleaved_latency_ms(prepared, x, warmup, repeats)
     shared = contention([before, runnable_others()])
     if shared["contended"]:
-        log.warning("latency measured while %d other processes were runnable on %d cores (%d threads here): the "
-                    "figures are not those of a quiet machine (results.json latency.contention)",
-                    shared["runnable_others"], shared["cores"], shared["threads"])
+        # once per process at warning level: a latency plan measures dozens of times
+        global _CONTENTION_WARNED
+        say = log.info if _CONTENTION_WARNED else log.warning
+        say("latency measured while %d other processes were runnable on %d cores (%d threads here): the figures "
+            "are not those of a quiet machine (results.json latency.contention)",
+            shared["runnable_others"], shared["cores"], shared["threads"])
+        _CONTENTION_WARNED = True
     medians = {k: statistics.median(v) for k, v in times.items()}
     return medians, {"bn_folded": fold_bn and all(folded), "compiled": compiled,
                      "min_ms": {k: min(v) for k, v in times.items()}, "contention": shared}
