@@ -77,6 +77,8 @@ class Study:
     # variants run on some seeds only (exploratory rows on 3 seeds beside 5-seed primaries)
     only_seeds: dict[str, list[int]] = field(default_factory=dict)
     paradigm: str = ""  # the row label in the generated results ("structured channels", ...)
+    # other studies whose committed rows this one reuses where a variant has the same name and overrides
+    carry_from: list[str] = field(default_factory=list)
 
     def runs_at(self, variant: str, budget: float, seed: int | None = None) -> bool:
         return (variant not in self.only or budget in self.only[variant]) and \
@@ -113,7 +115,7 @@ def load_study(name_or_path: str, seeds: list[int] | None = None, budgets: list[
     raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
     name = path.stem
     unknown = set(raw) - {"description", "paradigm", "base", "variants", "budgets", "seeds", "metric", "columns",
-                          "claims"}
+                          "claims", "carry_from"}
     if unknown:
         raise _fail(name, f"unknown keys {sorted(unknown)}")
     # a variant is a list of overrides, or {overrides: [...], budgets: [...], seeds: [...]} to run at
@@ -141,7 +143,11 @@ def load_study(name_or_path: str, seeds: list[int] | None = None, budgets: list[
                   seeds=[int(s) for s in (seeds if seeds is not None else raw.get("seeds") or [0, 1, 2])],
                   metric=str(raw.get("metric", "pruned.top1")),
                   columns={str(k): str(v) for k, v in (raw.get("columns") or {}).items()}, only=only,
-                  only_seeds=only_seeds, paradigm=str(raw.get("paradigm", "")))
+                  only_seeds=only_seeds, paradigm=str(raw.get("paradigm", "")),
+                  carry_from=[str(c) for c in raw.get("carry_from") or []])
+    for other in study.carry_from:
+        if not (STUDY_DIR / f"{other}.yaml").is_file():
+            raise _fail(name, f"carry_from names study {other!r}, which has no conf/study/{other}.yaml")
     if not study.budgets or any(not 0.0 <= b < 1.0 for b in study.budgets):
         raise _fail(name, f"budgets={study.budgets} must be a non-empty list of fractions in [0, 1)")
     if not study.seeds or any(s < 0 for s in study.seeds) or len(set(study.seeds)) != len(study.seeds):
@@ -216,10 +222,18 @@ def carried_rows(study: Study, report: Path) -> dict[tuple[str, float, int], dic
     Job folders live in outputs/, which does not outlive a machine; the committed table.csv does.
     A study longer than a session is continued from it: a job with a carried row is not run again.
     Rows without a `config` column (written before it existed) or with another hash are ignored.
+    Rows of the studies in `carry_from` (their committed docs/studies/<name>/table.csv) count too:
+    a variant with the same name and the same overrides (base included) is the same job.
     """
-    path = report / "table.csv"
-    if not path.is_file():
-        return {}
+    carried = {}
+    # `carry_from` studies first, this study's own table last: its rows win
+    for path in [*(ROOT / "docs" / "studies" / o / "table.csv" for o in study.carry_from), report / "table.csv"]:
+        if path.is_file():
+            carried.update(_table_rows(study, path))
+    return carried
+
+
+def _table_rows(study: Study, path: Path) -> dict[tuple[str, float, int], dict]:
     carried = {}
     with open(path, newline="") as f:
         for row in csv.DictReader(f):

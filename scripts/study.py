@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     is_carried = [not j.done and (j.variant, j.budget, j.seed) in carried for j in jobs]
     finished = sum(j.done for j in jobs) + sum(is_carried)
     print(f"study {study.name}: {len(jobs)} jobs ({len(study.variants)} variants × {len(study.budgets)} budgets × "
-          f"{len(study.seeds)} seeds{'; some variants at their own budgets only' if study.only else ''}), {finished} finished ({sum(is_carried)} carried from {report / 'table.csv'}); "
+          f"{len(study.seeds)} seeds{'; some variants at their own budgets only' if study.only else ''}), {finished} finished ({sum(is_carried)} carried from committed tables); "
           f"jobs in {out}")
     if args.dry_run:
         for j, c in zip(jobs, is_carried):

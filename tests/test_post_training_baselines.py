@@ -276,3 +276,20 @@ def test_post_training_baselines_run_end_to_end(method, budget, extra, tmp_path,
     assert rec["pruning_wall_s"] > 0 and rec["calibration_passes"] >= 2
     assert rec["inputs"] == ("dense" if method == "wanda" else "pruned") and rec["capture_bn"] == "batch"
     assert rec["reconstruction_error"] > 0
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
+def test_fine_tuning_after_a_post_training_prune_keeps_its_masks(method, tmp_path, dense_dir):
+    """`method.train=true`: the prune as without it, then fine-tuning that moves the kept weights only."""
+    _, plain = run_fast(tmp_path, dense_dir, f"method={method}", "budget=0.9", name="plain")
+    _, tuned = run_fast(tmp_path, dense_dir, f"method={method}", "budget=0.9", "method.train=true", name="tuned")
+    a, b = load_file(str(plain / "model.safetensors")), load_file(str(tuned / "model.safetensors"))
+    results = json.loads((tuned / "results.json").read_text())
+    assert results["train"]["steps"] > 0 and results["budget_met"]
+    assert results[method]["pruning_wall_s"] > 0  # the prune ran before the fine-tuning
+    moved = 0
+    for k, v in a.items():
+        if k.endswith("weight") and v.dim() in (2, 4):
+            assert torch.equal(v == 0, b[k] == 0), k  # the same entries pruned, none regrown
+            moved += int((v != b[k]).sum())
+    assert moved > 0

@@ -356,3 +356,18 @@ def test_devices_without_a_gpu_are_one_line(capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "--devices 0" in err and "no CUDA device" in err
+
+
+def test_carry_from_reuses_another_studys_committed_rows_of_the_same_variant(tmp_path):
+    """unipts_practice shares UniPTS and the magnitude baseline with the unipts study: same name, same
+    overrides, so the committed rows are the same jobs; variants of their own are not carried."""
+    study = load_study("unipts_practice")
+    carried = carried_rows(study, tmp_path)  # no table of its own yet
+    with open(ROOT / "docs" / "studies" / "unipts" / "table.csv", newline="") as f:
+        source = {(r["variant"], float(r["budget"]), int(r["seed"])): r for r in csv.DictReader(f)}
+    shared = {k for k in source if k[0] in ("UniPTS", "magnitude global + CE FT")}
+    assert {3, 4} <= {k[2] for k in shared} and set(carried) == shared  # the jobs then take the seeds they run
+    for key in shared:
+        assert carried[key]["metric"] == float(source[key]["metric"]) and carried[key]["cpu_isa"] == source[key]["cpu_isa"]
+    with pytest.raises(PruneLabError, match="carry_from names study 'nope'"):
+        load_study(str(write_yaml(tmp_path / "c.yaml", "carry_from: [nope]\nvariants: {A: [method=magnitude]}\nbudgets: [0.5]\n")))

@@ -284,6 +284,22 @@ class MaskUpdate(LatencyPlanning, L.Callback):
                     p.grad /= dist.get_world_size()
 
 
+class KeepMasks(L.Callback):
+    """Fine-tuning after a post-training prune (`method.train=true` on sparsegpt, wanda, pot,
+    oneshot_bnrecal): the masks the prepare step chose stay fixed, their pruned entries' gradients,
+    momentum and weights zeroed every step, as MaskUpdate does between its updates."""
+
+    def on_train_start(self, trainer, pl_module):
+        for opt in trainer.optimizers:
+            pl_module.masks.mask_optimizer_state(opt)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        pl_module.masks.mask_grads()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        pl_module.masks.apply()
+
+
 class BNScalePenalty(L.Callback):
     """Network slimming's sparsity regulariser (Liu et al. 2017): λ·Σ|γ| over BN scales, added to
     the loss until `until` (fraction of training), when a structured MaskUpdate prunes by |γ|.
