@@ -5,6 +5,7 @@ import copy
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import statistics
@@ -171,6 +172,19 @@ def mask_digests(masks) -> list[str]:
     gathered = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(gathered, digest)
     return gathered
+
+
+def training_cost(results: dict, cfg: DictConfig, dense: dict, dm) -> float | None:
+    """All the training a pruned model took, in epochs of dense training on the whole training split:
+    its own optimizer steps at their measured cost (`train.flops_ratio`, per step relative to a dense
+    step of the same batch size), plus the dense reference's training when the method starts from it
+    (HALP, L1-filter, STP: the pre-training a from-scratch method saves). None when the dense model
+    was given by file (its cost is unknown)."""
+    dense_steps_per_epoch = max(math.ceil(dm.full_train_size / dm.batch_size), 1)
+    own = (results["train"].get("flops_ratio") or 0.0) * results["train"]["steps"] / dense_steps_per_epoch
+    if not cfg.method.get("needs_dense", False):
+        return own
+    return None if "source" in dense else own + float(cfg.dense.epochs)
 
 
 def _test(trainer, module, dm) -> dict:
@@ -370,6 +384,7 @@ def run(cfg: DictConfig) -> dict:
     # or merged into `train`
     merge_reports(results, [cb.report() for cb in prepare + run_callbacks + callbacks
                             if callable(getattr(cb, "report", None))])
+    results["train"]["cost_dense_epochs"] = training_cost(results, cfg, dense, dm)
     report.plot_layers(layers, out_dir / "layers.png",
                        f"{cfg.method.name} {cfg.model.name}/{dm.name} budget={cfg.budget} ({cfg.method.target})")
     publish(loggers, results, out_dir)

@@ -38,7 +38,7 @@ def run_fast(tmp_path, dense_dir, *overrides, name="run"):
 
 
 @pytest.mark.parametrize("method,budget", [("dense", 0.0), ("magnitude", 0.9), ("gmp", 0.8), ("random", 0.9),
-                                           ("l1_filter", 0.5)])
+                                           ("l1_filter", 0.5), ("static_erk", 0.9)])
 def test_each_method_writes_a_complete_run_directory(method, budget, tmp_path, dense_dir):
     results, out = run_fast(tmp_path, dense_dir, f"method={method}", f"budget={budget}")
     for name in ARTEFACTS:
@@ -66,6 +66,11 @@ def test_each_method_writes_a_complete_run_directory(method, budget, tmp_path, d
     assert on_disk["budget_met"] is True
     # a learned model, not chance (10 classes): the tiny 8x8 recipe still reaches far above 0.1
     assert on_disk["dense"]["top1"] > 0.6
+    # training cost in dense epochs: the run's steps at their measured cost, + the dense reference's
+    # 4 epochs (FAST) for every method that starts from it (static_erk starts from scratch)
+    train = on_disk["train"]
+    own = (train["flops_ratio"] or 0) * train["epochs"]  # no calibration subset: an epoch is a dense epoch's steps
+    assert train["cost_dense_epochs"] == pytest.approx(own + (0 if method == "static_erk" else 4))
 
 
 def test_same_seed_gives_identical_results(tmp_path, dense_dir):

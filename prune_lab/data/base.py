@@ -257,6 +257,9 @@ class ClassificationDataModule(L.LightningDataModule):
 
     @train_set.setter
     def train_set(self, dataset: Optional[Dataset]) -> None:
+        # the whole training split's size, also when a calibration subset replaces it (training cost
+        # is counted in epochs of the whole split)
+        self.full_train_size = 0 if dataset is None else len(dataset)
         if dataset is not None and self.calibration_size is not None:
             dataset = calibration_subset(dataset, self.calibration_size, self.seed)
         self._train_set = dataset
