@@ -278,7 +278,7 @@ def test_post_training_baselines_run_end_to_end(method, budget, extra, tmp_path,
     assert rec["reconstruction_error"] > 0
 
 
-@pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
+@pytest.mark.parametrize("method", ["sparsegpt", pytest.param("wanda", marks=pytest.mark.slow)])
 def test_fine_tuning_after_a_post_training_prune_keeps_its_masks(method, tmp_path, dense_dir):
     """`method.train=true`: the prune as without it, then fine-tuning that moves the kept weights only."""
     _, plain = run_fast(tmp_path, dense_dir, f"method={method}", "budget=0.9", name="plain")
