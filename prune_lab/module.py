@@ -48,7 +48,7 @@ class PruneLabModule(L.LightningModule):
         # `module.compile`: the forward (and so its backward) through torch.compile; masks stay
         # enforced outside the graph by in-place multiplies on the parameters, which the compiled
         # graph reads as inputs, so no recompilation follows a mask change
-        self.compile = compile
+        self.compile_training = compile
         self._compiled: tuple = ()  # (model it wraps, compiled) — a tuple keeps it out of state_dict
         # train in NHWC: the fast path of oneDNN and cuDNN convolutions (scripts/bench.py measures it)
         self.channels_last = channels_last and example_input.dim() == 4
@@ -128,7 +128,7 @@ class PruneLabModule(L.LightningModule):
     def forward(self, x):
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        if self.compile and self.training:  # evaluation runs eager: one graph to compile, not three
+        if self.compile_training and self.training:  # evaluation runs eager: one graph to compile, not three
             return self._compiled_forward(x)
         return self.model(x)
 
@@ -136,6 +136,13 @@ class PruneLabModule(L.LightningModule):
         # compiled once per model object: a callback that replaces the model (shrink, expansion,
         # merge) gets a fresh compilation instead of the old graph
         if not self._compiled or self._compiled[0] is not self.model:
+            # a fresh cache: Dynamo keys compiled code by the model's class and does not guard on
+            # module hooks, so a second model of the class (the run after the dense reference, a
+            # sweep's next job in this process) would reuse code that skips its hooks (distillation's
+            # feature hooks), and its per-code cache limit would silently fall back to eager
+            torch._dynamo.reset()
+            # and hooks added or removed later (a callback's feature hooks) recompile instead of being skipped
+            torch._dynamo.config.skip_nnmodule_hook_guards = False
             self._compiled = (self.model, torch.compile(self.model))
         try:
             return self._compiled[1](x)
@@ -144,7 +151,7 @@ class PruneLabModule(L.LightningModule):
                 raise  # an error of the model itself, not of its compilation
             log.warning("module.compile: training eager instead; torch.compile failed: %s",
                         str(e).strip().splitlines()[0][:200])
-            self.compile = False
+            self.compile_training = False
             return self.model(x)
 
     def training_step(self, batch, batch_idx):

@@ -179,7 +179,8 @@ def training_cost(results: dict, cfg: DictConfig, dense: dict, dm) -> float | No
     its own optimizer steps at their measured cost (`train.flops_ratio`, per step relative to a dense
     step of the same batch size), plus the dense reference's training when the method starts from it
     (HALP, L1-filter, STP: the pre-training a from-scratch method saves). None when the dense model
-    was given by file (its cost is unknown)."""
+    was given by file (its cost is unknown). What `flops_ratio` leaves out is left out here too: a
+    distillation teacher's forward passes, STP's extra subnet passes, searches and calibration."""
     dense_steps_per_epoch = max(math.ceil(dm.full_train_size / dm.batch_size), 1)
     own = (results["train"].get("flops_ratio") or 0.0) * results["train"]["steps"] / dense_steps_per_epoch
     if not cfg.method.get("needs_dense", False):
@@ -288,9 +289,14 @@ def run(cfg: DictConfig) -> dict:
     module.teacher = copy.deepcopy(dense_model)  # the frozen dense reference, for distillation callbacks
     trainer = build(cfg.trainer, callbacks=callbacks + run_callbacks + [QuietSteps()], logger=loggers or False)
     t_fit = time.time()
+    prepared = out_dir / "prepare.json"  # the prepare steps' records: a resumed run reports them too
     if cfg.ckpt_path is None:  # a resumed run has done them: their effect is in the checkpoint
         for step in prepare:
             step(module, dm, trainer)
+        if prepare and trainer.is_global_zero:
+            records: dict = {}
+            merge_reports(records, [s.report() for s in prepare if callable(getattr(s, "report", None))])
+            report.write_json_atomic(prepared, records)
     else:
         log.info("resuming from %s; work that is not checkpointed mid-way (a search, BN re-estimation, "
                  "export) is repeated from its start, with the same seed and result", cfg.ckpt_path)
@@ -372,7 +378,7 @@ def run(cfg: DictConfig) -> dict:
         "layers": layers,
         "train": {"epochs": int(trainer.current_epoch), "steps": int(trainer.global_step), "wall_s": wall,
                   "world_size": int(trainer.world_size), "total_wall_s": time.time() - t_start,
-                "precision": str(trainer.precision), "compiled": bool(module.compile and trainer.global_step),
+                "precision": str(trainer.precision), "compiled": bool(module.compile_training and trainer.global_step),
                   "mask_digest_per_rank": digests},
         "export": {"max_abs_diff_masked_vs_deployed": export_diff},
         "env": {"git_sha": report.git_sha(Path(cfg.paths.root_dir)), "torch": torch.__version__,
@@ -382,8 +388,15 @@ def run(cfg: DictConfig) -> dict:
     # records of the method's post-training steps (their pruning cost), the run's callbacks (training
     # cost), then the method's (search results, its own cost accounting, ...): under their own keys,
     # or merged into `train`
-    merge_reports(results, [cb.report() for cb in prepare + run_callbacks + callbacks
-                            if callable(getattr(cb, "report", None))])
+    earlier = None if cfg.ckpt_path is None else Path(cfg.ckpt_path).resolve().parent.parent / "prepare.json"
+    if earlier is not None and earlier.is_file():  # the steps ran in the run the checkpoint belongs to
+        reports = [json.loads(earlier.read_text())]
+        if earlier != prepared.resolve():
+            shutil.copyfile(earlier, prepared)
+    else:
+        reports = [s.report() for s in prepare if callable(getattr(s, "report", None))]
+    merge_reports(results, reports + [cb.report() for cb in run_callbacks + callbacks
+                                      if callable(getattr(cb, "report", None))])
     results["train"]["cost_dense_epochs"] = training_cost(results, cfg, dense, dm)
     report.plot_layers(layers, out_dir / "layers.png",
                        f"{cfg.method.name} {cfg.model.name}/{dm.name} budget={cfg.budget} ({cfg.method.target})")

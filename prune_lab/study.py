@@ -148,6 +148,9 @@ def load_study(name_or_path: str, seeds: list[int] | None = None, budgets: list[
     for other in study.carry_from:
         if not (STUDY_DIR / f"{other}.yaml").is_file():
             raise _fail(name, f"carry_from names study {other!r}, which has no conf/study/{other}.yaml")
+        their_metric = str(OmegaConf.load(STUDY_DIR / f"{other}.yaml").get("metric", "pruned.top1"))
+        if their_metric != study.metric:  # a carried row's `metric` column is the other study's metric
+            raise _fail(name, f"carry_from study {other!r} measures {their_metric}, this one {study.metric}")
     if not study.budgets or any(not 0.0 <= b < 1.0 for b in study.budgets):
         raise _fail(name, f"budgets={study.budgets} must be a non-empty list of fractions in [0, 1)")
     if not study.seeds or any(s < 0 for s in study.seeds) or len(set(study.seeds)) != len(study.seeds):
@@ -227,14 +230,18 @@ def carried_rows(study: Study, report: Path) -> dict[tuple[str, float, int], dic
     """
     carried = {}
     # `carry_from` studies first, this study's own table last: its rows win
-    for path in [*(ROOT / "docs" / "studies" / o / "table.csv" for o in study.carry_from), report / "table.csv"]:
-        if path.is_file():
-            carried.update(_table_rows(study, path))
+    for other in study.carry_from:  # only the jobs this study runs: not the other study's other seeds
+        rows = _table_rows(study, ROOT / "docs" / "studies" / other / "table.csv")
+        carried.update({k: r for k, r in rows.items()
+                        if k[1] in study.budgets and k[2] in study.seeds and study.runs_at(*k)})
+    carried.update(_table_rows(study, report / "table.csv"))
     return carried
 
 
 def _table_rows(study: Study, path: Path) -> dict[tuple[str, float, int], dict]:
     carried = {}
+    if not path.is_file():
+        return carried
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
             variant = row.get("variant")
@@ -364,8 +371,12 @@ def run_jobs(jobs: list[Job], workers: int, threads: int, python: str, progress=
     env.setdefault(quiet.ENV, str(ROOT / "outputs" / "quiet.lock"))
     failed: list[tuple[Job, int]] = []
     slots: queue.Queue = queue.Queue()  # the device of each free slot (None: no pinning)
-    for i in range(max(1, workers) * len(devices or [None])):
-        slots.put(None if not devices else devices[i % len(devices)])
+    # indices count the GPUs this process sees: under an outer CUDA_VISIBLE_DEVICES (SLURM) index i is
+    # its i-th entry, not physical GPU i
+    visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    physical = [visible[int(d)] if visible else str(d) for d in devices or []]
+    for i in range(max(1, workers) * len(physical or [None])):
+        slots.put(None if not physical else physical[i % len(physical)])
 
     def one(job: Job) -> None:
         if leaders[job.seed] is not job:

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--summary", action="store_true", help="write docs/results.md and the README's results block "
                     "from every docs/studies/*/verdicts.json; run nothing")
     ap.add_argument("--fresh", action="store_true", help="run every job without a results.json, ignoring the rows "
-                    "of the report's table.csv")
+                    "of the report's table.csv and of the carry_from studies' tables")
     args = ap.parse_args(argv)
     devices = None
     if args.devices:  # checked before anything runs: a typo must not start jobs on the wrong device

@@ -423,6 +423,8 @@ def test_on_device_is_refused_for_data_decoded_per_image_and_with_workers(tmp_pa
 def test_on_device_serves_tensors_on_the_trainer_device():
     dm = SyntheticDataModule(num_samples=40, image_size=4, batch_size=8, on_device=True)
     dm.setup()
+    # a post-training step reads the loader before any trainer is attached: a CPU view, replaced later
+    assert dm.train_dataloader().dataset.images.device.type == "cpu"
     dm.trainer = SimpleNamespace(world_size=1, global_rank=0, strategy=SimpleNamespace(root_device=torch.device("meta")))
     x, y = dm.train_dataloader().dataset.__getitems__([0, 1, 2])
     assert x.device.type == "meta" and y.device.type == "meta" and x.shape[0] == 3

@@ -293,3 +293,15 @@ def test_fine_tuning_after_a_post_training_prune_keeps_its_masks(method, tmp_pat
             assert torch.equal(v == 0, b[k] == 0), k  # the same entries pruned, none regrown
             moved += int((v != b[k]).sum())
     assert moved > 0
+
+
+def test_a_resumed_fine_tuning_keeps_the_prune_record_and_equals_the_uninterrupted_run(tmp_path, dense_dir):
+    common = ["method=sparsegpt", "budget=0.9", "method.train=true", "epochs=3",
+              "callbacks.model_checkpoint.save_top_k=-1"]
+    full, _ = run_fast(tmp_path, dense_dir, *common, name="full")
+    ckpt = tmp_path / "full/checkpoints/epoch000.ckpt"
+    resumed, out = run_fast(tmp_path, dense_dir, *common, f"ckpt_path={ckpt}", name="resumed")
+    assert resumed["sparsegpt"] == full["sparsegpt"]  # the prune did not run again, its record stays
+    assert (out / "prepare.json").is_file()
+    a, b = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("full", "resumed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -290,6 +290,9 @@ class KeepMasks(L.Callback):
     momentum and weights zeroed every step, as MaskUpdate does between its updates."""
 
     def on_train_start(self, trainer, pl_module):
+        # the prepare step ran on every rank before the process group existed: rank 0's masks decide
+        pl_module.masks.broadcast(0)
+        pl_module.masks.apply()
         for opt in trainer.optimizers:
             pl_module.masks.mask_optimizer_state(opt)
 

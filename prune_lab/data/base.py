@@ -304,14 +304,15 @@ class ClassificationDataModule(L.LightningDataModule):
     def _served(self, dataset: Dataset) -> tuple[Dataset, dict]:
         """What a loader reads and its extra arguments: the batched tensor view where the dataset is
         held as tensors (moved to the trainer's device with `on_device`), else the dataset itself."""
+        trainer = getattr(self, "trainer", None)
+        # on_device: the trainer's device, known only once a trainer is attached (a post-training step
+        # reads the calibration loader before); a view made for another device is replaced
+        device = trainer.strategy.root_device if self.on_device and trainer is not None else torch.device("cpu")
         key = id(dataset)
-        if key not in self._views or self._views[key][0] is not dataset:
+        if key not in self._views or self._views[key][0] is not dataset or self._views[key][1] != device:
             view = BatchedTensors.of(dataset)
-            if view is not None and self.on_device:
-                trainer = getattr(self, "trainer", None)
-                view = view.to(trainer.strategy.root_device if trainer is not None else torch.device("cpu"))
-            self._views[key] = (dataset, view)
-        view = self._views[key][1]
+            self._views[key] = (dataset, device, None if view is None else view.to(device))
+        view = self._views[key][2]
         return (dataset, {}) if view is None else (view, {"collate_fn": whole_batch})
 
     def train_dataloader(self) -> DataLoader:

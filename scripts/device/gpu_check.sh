@@ -17,12 +17,13 @@ timeout 60 python3 scripts/bench.py --only nm --device cuda --out "$OUT/bench_nm
 # module.compile=true: the masked training step compiled vs eager, bf16
 timeout 90 python3 scripts/bench.py --only compile --device cuda --amp bf16 --out "$OUT/bench_compile_cuda_bf16.json"
 # the quick start as a GPU user runs it: fp32, bf16 (trainer=gpu), + data on the device, + compiled;
-# train.wall_s of each in results.json (one shared dense reference: on_device and compile are not in its key)
+# train.wall_s of each in results.json (fp32 and bf16 train their own dense reference: precision is part of
+# its key; on_device and compile are not)
 for variant in "fp32:trainer=gpu trainer.precision=32-true" "bf16:trainer=gpu" \
                "bf16_on_device:trainer=gpu data.on_device=true" \
                "bf16_on_device_compiled:trainer=gpu data.on_device=true module.compile=true"; do
   name=${variant%%:*}
-  timeout 60 python3 train.py experiment=quickstart ${variant#*:} paths.output_dir="$OUT/quickstart_$name" \
+  timeout 90 python3 train.py experiment=quickstart ${variant#*:} paths.output_dir="$OUT/quickstart_$name" \
     paths.dense_dir="$OUT/dense" > "$OUT/quickstart_$name.log" 2>&1 || echo "quickstart $name failed"
 done
 python3 - "$OUT" <<'PY'
