@@ -8,7 +8,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from prune_lab.errors import PruneLabError
-from prune_lab.sparsity import ChannelGroups
+from prune_lab.sparsity import ChannelGroups, FlopsModel
 
 
 # structured methods whose plan can be solved against the latency table (`target: latency`)
@@ -105,6 +105,24 @@ def check_structured(cfg, model, example) -> None:
     if len(groups) == 0:
         raise PruneLabError(f"method {cfg.method.name} prunes channels, but model {cfg.model.name} has no "
                             "prunable channel groups; use an unstructured method (magnitude, gmp, random)")
+    if cfg.method.target == "flops" and cfg.method.name != "stp":  # STP also removes blocks: it can go further
+        most = max_flops_reduction(groups, example)
+        if most < float(cfg.budget) - 0.02:  # the FLOPs solver's tolerance
+            raise PruneLabError(f"budget={cfg.budget} is out of reach for {cfg.method.name} on model {cfg.model.name}: "
+                                f"with one channel left in every prunable group it removes {most:.3f} of the FLOPs "
+                                "(channels a LayerNorm/GroupNorm normalises or that cross a channel shuffle or "
+                                "attention heads stay whole; a larger data.image_size can change their share)")
+
+
+def max_flops_reduction(groups: ChannelGroups, example) -> float:
+    """The FLOPs reduction of the smallest plan: one channel (one per slice of a grouped conv) kept per group."""
+    flops = FlopsModel(groups, example)
+    plan = {}
+    for root, size, slices in zip(groups.roots, groups.sizes, groups.slices):
+        keep = torch.zeros(slices, size // slices, dtype=torch.bool)
+        keep[:, 0] = True
+        plan[root] = keep.flatten()
+    return 1.0 - flops.macs(plan) / flops.macs()
 
 
 def run_length(cfg: DictConfig, dm) -> tuple[int, int]:

@@ -29,7 +29,7 @@ def mac_cost(sig, cin, cout, batch, channels_last, bias, device, repeats=7):
         h, w = sig["hw"]
         oh = (h + 2 * sig["padding"][0] - sig["k"][0]) // sig["stride"][0] + 1
         ow = (w + 2 * sig["padding"][1] - sig["k"][1]) // sig["stride"][1] + 1
-        per_out = (1 if sig["dw"] else cin) * sig["k"][0] * sig["k"][1] * oh * ow
+        per_out = (1 if sig["dw"] else cin // sig.get("groups", 1)) * sig["k"][0] * sig["k"][1] * oh * ow
         return 1e-6 * batch * cout * per_out
     return 1e-6 * batch * cin * cout * math.prod(sig["extra"] or [1])
 
@@ -466,3 +466,34 @@ def test_a_latency_measured_beside_other_work_says_so(monkeypatch):
         assert applied["contention"]["runnable_others"] == others
         assert applied["contention"]["contended"] is contended
     assert measure.contention([None, None])["contended"] is False  # unknown: not claimed either way
+
+
+def test_grouped_conv_table_and_halp_plan_keep_the_groups(fake_timing, tmp_path):
+    """A grouped conv is timed at widths its groups allow, and a HALP plan drops the same positions
+    in each of its groups, so the table predicts the shrunk model exactly and the shrunk conv is valid."""
+    from test_structure import MiniResNeXt
+
+    torch.manual_seed(0)
+    model = MiniResNeXt().eval()
+    x = torch.randn(1, 3, 8, 8)
+    groups = ChannelGroups(model, x, ignored=[model.head])
+    table = LatencyTable(groups, x, batch_size=4, points=4, cache_dir=tmp_path)
+    sig = table.sigs["b.0"]
+    assert sig["groups"] == 4 and all(k % 4 == 0 for k in sig["ins"] + sig["outs"])
+    assert "groups" not in table.sigs["a.0"]  # other layers' cache keys are unchanged
+    table.calibrate_total(table.layers_dense_ms * 1.2)
+    plan, predicted = solve_latency_target(groups, table, groups.scores(Magnitude(p=1).channel_scorer()), 0.4, "halp")
+    assert predicted >= 0.4
+    small = shrink(model, plan, x)
+    assert small.b[0].groups == 4 and small.b[0].in_channels < 64
+    assert table.predict_layers(plan) == pytest.approx(1e-6 * 4 * sum(layer_macs(small, x).values()), rel=1e-9)
+    assert 0 < max_reduction(groups, table) < 1
+
+
+def test_table_times_a_real_grouped_conv(tmp_path):
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    groups = ChannelGroups(model, x, ignored=[model[6]])
+    table = LatencyTable(groups, x, batch_size=2, points=2, repeats=2, cache_dir=tmp_path)
+    assert table.layers_dense_ms > 0 and table.sigs["2"]["groups"] == 2

@@ -271,3 +271,185 @@ def test_channel_plan_masks_survive_maskset_round_trip():
     # the exporter replays the loaded plan: same FLOPs as the original plan
     small = shrink(fresh_model, fresh.channel_plan, s.x)
     assert count_flops(small, s.x) == s.flops.macs(plan)
+
+
+# -- grouped convolutions, channel shuffles, channel-normalised groups ----------------------------------
+class MiniResNeXt(nn.Module):
+    """The ResNeXt/RegNet pattern: 1x1 → grouped 3x3 (4 groups) → 1x1, a residual add, a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU())
+        self.a = nn.Sequential(nn.Conv2d(64, 64, 1), nn.BatchNorm2d(64), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1, groups=4), nn.BatchNorm2d(64), nn.ReLU())
+        self.c = nn.Sequential(nn.Conv2d(64, 64, 1), nn.BatchNorm2d(64))
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.relu(x + self.c(self.b(self.a(x))))
+        return self.head(x.mean((2, 3)))
+
+
+def grouped_setup():
+    torch.manual_seed(0)
+    model = randomise_bn(MiniResNeXt()).eval()
+    x = torch.randn(2, 3, 12, 12)
+    groups = ChannelGroups(model, x, ignored=[model.head])
+    return model, x, groups, FlopsModel(groups, x)
+
+
+def test_grouped_conv_prunes_the_same_positions_in_every_group():
+    model, x, groups, flops = grouped_setup()
+    sliced = {r: s for r, s in zip(groups.roots, groups.slices) if s > 1}
+    assert set(sliced) == {"a.0", "b.0"} and set(sliced.values()) == {4}  # b's inputs and b's outputs
+    plan = solve_flops_target(groups, flops, groups.scores(Magnitude().channel_scorer()), 0.5)
+    for root in sliced:
+        rows = plan[root].view(4, -1)
+        assert bool((rows == rows[0]).all()) and not bool(rows.all())  # pruned, evenly
+    small = shrink(model, plan, x)
+    conv = small.b[0]
+    assert conv.groups == 4 and conv.in_channels < 64 and conv.out_channels < 64
+    assert conv.in_channels % 4 == 0 and conv.out_channels % 4 == 0
+    assert count_flops(small, x) == flops.macs(plan)
+    assert abs(1 - flops.macs(plan) / count_flops(model, x) - 0.5) <= TOL
+    masks = groups.param_masks(plan)
+    kept = sum(int(masks[n].sum()) if n in masks else p.numel() for n, p in model.named_parameters())
+    assert kept == count_params(small)  # the masks zero exactly the weights shrink removes
+    twin = masked_copy(model, groups, plan).eval()
+    with torch.no_grad():
+        assert not torch.allclose(model(x), small(x), atol=1e-3)
+        torch.testing.assert_close(twin(x), small(x), atol=1e-5, rtol=1e-5)
+
+
+def test_an_uneven_grouped_conv_plan_is_refused_in_one_line():
+    model, x, groups, _ = grouped_setup()
+    keep = torch.ones(64, dtype=torch.bool)
+    keep[0] = False  # one channel of the first group only: no valid 4-group convolution remains
+    for attempt in (lambda: groups.param_masks({"b.0": keep}), lambda: shrink(model, {"b.0": keep}, x)):
+        with pytest.raises(PruneLabError, match="unevenly") as e:
+            attempt()
+        assert "\n" not in str(e.value)
+
+
+def test_drop_order_takes_a_position_from_every_slice_at_once():
+    from prune_lab.sparsity.structure import drop_order
+
+    s = torch.tensor([5.0, 1.0, 3.0, 4.0, 2.0, 0.0])  # two slices of three: position means 4.5, 1.5, 1.5
+    assert drop_order(s).tolist() == [5, 1, 4, 2, 3, 0]
+    assert drop_order(s, 2).tolist() == [1, 4, 2, 5, 0, 3]
+
+
+class Shuffle(nn.Module):
+    """ShuffleNet's channel shuffle: view into 2 groups, swap, flatten back (a permutation)."""
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        return x.view(b, 2, c // 2, h, w).transpose(1, 2).contiguous().view(b, c, h, w)
+
+
+def test_groups_through_a_channel_shuffle_stay_whole_and_the_rest_prunes():
+    torch.manual_seed(0)
+    model = randomise_bn(nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), Shuffle(),
+        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))).eval()
+    x = torch.randn(2, 3, 8, 8)
+    groups = ChannelGroups(model, x, ignored=[model[-1]])
+    assert groups.graph.opaque and "0" not in groups.roots  # the shuffled channels are not pruned ...
+    assert {"4", "7"} <= set(groups.roots)  # ... the channels after it are
+    flops = FlopsModel(groups, x)
+    plan = solve_flops_target(groups, flops, groups.scores(Magnitude().channel_scorer()), 0.4)
+    small = shrink(model, plan, x)
+    assert count_flops(small, x) == flops.macs(plan)
+    twin = masked_copy(model, groups, plan).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), small(x), atol=1e-5, rtol=1e-5)
+
+
+class TinyTransformer(nn.Module):
+    """Patches → tokens → LayerNorm → token mixing by a functional matmul → MLP, residual stream."""
+
+    def __init__(self, c: int = 16):
+        super().__init__()
+        self.patch = nn.Conv2d(3, c, 4, stride=4)
+        self.norm1, self.norm2 = nn.LayerNorm(c), nn.LayerNorm(c)
+        self.mlp = nn.Sequential(nn.Linear(c, 4 * c), nn.GELU(), nn.Linear(4 * c, c))
+        self.head = nn.Linear(c, 10)
+
+    def forward(self, x):
+        t = self.patch(x).flatten(2).transpose(1, 2)  # (B, N, C)
+        n = self.norm1(t)
+        t = t + torch.softmax(n @ n.transpose(1, 2), -1) @ n  # FLOPs no conv/linear module makes
+        t = t + self.mlp(self.norm2(t))
+        return self.head(t.mean(1))
+
+
+def test_layernormed_stream_stays_whole_and_flops_outside_modules_are_counted():
+    torch.manual_seed(0)
+    model = TinyTransformer().eval()
+    x = torch.randn(2, 3, 16, 16)
+    groups = ChannelGroups(model, x, ignored=[model.head])
+    assert groups.roots == ["mlp.0"]  # the stream is LayerNorm-ed: masking ≠ removing there
+    flops = FlopsModel(groups, x)
+    assert flops.other > 0 and flops.macs() == count_flops(model, x)
+    plan = solve_flops_target(groups, flops, groups.scores(Magnitude().channel_scorer()), 0.3)
+    small = shrink(model, plan, x)
+    assert count_flops(small, x) == flops.macs(plan)
+    twin = masked_copy(model, groups, plan).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), small(x), atol=1e-5, rtol=1e-5)
+
+
+def test_a_flops_budget_the_prunable_groups_cannot_reach_is_refused_before_training():
+    from types import SimpleNamespace
+
+    from prune_lab.checks import check_structured
+
+    torch.manual_seed(0)
+    model = TinyTransformer().eval()
+    x = torch.randn(1, 3, 16, 16)
+
+    def cfg(budget, name="l1_filter"):
+        return SimpleNamespace(method=SimpleNamespace(target="flops", name=name), model=SimpleNamespace(name="tiny"),
+                               budget=budget)
+
+    check_structured(cfg(0.3), model, x)  # the MLP alone can remove that much
+    with pytest.raises(PruneLabError, match="budget=0.95 is out of reach for l1_filter on model tiny") as e:
+        check_structured(cfg(0.95), model, x)
+    assert "\n" not in str(e.value)
+
+
+class Ghost(nn.Module):
+    """GhostNet's module with a residual add: half the channels a conv, half a depthwise conv of them."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.primary = nn.Sequential(nn.Conv2d(c, c // 2, 1), nn.BatchNorm2d(c // 2), nn.ReLU())
+        self.cheap = nn.Sequential(nn.Conv2d(c // 2, c // 2, 3, padding=1, groups=c // 2), nn.BatchNorm2d(c // 2))
+
+    def forward(self, x):
+        y = self.primary(x)
+        return x + torch.cat([y, self.cheap(y)], 1)
+
+
+def test_a_group_coupled_to_itself_prunes_its_coupled_channels_together():
+    """Input channels i and i + 8 of the Ghost block lean on one primary-conv channel: torch-pruning
+    removes both when one goes, so plans must drop them in pairs for masks and FLOPs to be exact."""
+    torch.manual_seed(0)
+    model = randomise_bn(nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), Ghost(16),
+                                       nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))).eval()
+    x = torch.randn(2, 3, 8, 8)
+    groups = ChannelGroups(model, x, ignored=[model[-1]])
+    from prune_lab.sparsity.tracing import root_coupling
+
+    stem = groups.graph.get_pruner_of_module(model[0]).prune_out_channels
+    assert root_coupling(groups.graph, groups.graph.get_pruning_group(model[0], stem, list(range(16)))) == 2
+    flops = FlopsModel(groups, x)
+    plan = solve_flops_target(groups, flops, groups.scores(Magnitude().channel_scorer()), 0.4, tolerance=0.05)
+    small = shrink(model, plan, x)
+    assert small[0].out_channels < 16 and count_flops(small, x) == flops.macs(plan)
+    twin = masked_copy(model, groups, plan).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), small(x), atol=1e-5, rtol=1e-5)

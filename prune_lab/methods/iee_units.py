@@ -61,6 +61,11 @@ class ChannelUnits:
         self.groups = ChannelGroups(model, example_input, ignored=[classifier] if classifier is not None else [])
         if len(self.groups) == 0:
             raise PruneLabError(f"model {type(model).__name__} has no prunable channel groups; use method=iee")
+        sliced = [r for r, s in zip(self.groups.roots, self.groups.slices) if s > 1]
+        if sliced:  # IEE moves single channels; a grouped conv needs the same positions moved in all its groups
+            raise PruneLabError(f"iee_channels moves single channels, but group {sliced[0]} feeds a grouped "
+                                "convolution that must lose the same positions in every group; use l1_filter, "
+                                "slimming, depgraph or halp for this model")
 
     def maskable(self) -> list[str]:
         return [n for n, _ in self.model.named_parameters()]

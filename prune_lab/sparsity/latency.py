@@ -40,7 +40,6 @@ import torch
 from torch import nn
 
 from prune_lab import quiet
-from prune_lab.errors import PruneLabError
 from prune_lab.sparsity.measure import observe_forward
 from prune_lab.sparsity.structure import ROOT_TYPES, ChannelGroups, FlopsModel, _is_depthwise, solve_flops_target
 
@@ -72,10 +71,12 @@ def cpu_isa() -> str:
     return ""
 
 
-def _levels(size: int, prunable: bool, points: int) -> list[int]:
+def _levels(size: int, prunable: bool, points: int, step: int = 1) -> list[int]:
+    """Kept counts the grid is timed at; multiples of `step` (a grouped conv's groups: plans keep
+    the same count in each, so only those widths exist)."""
     if not prunable:
         return [size]
-    return sorted({max(1, round(size * i / points)) for i in range(1, points + 1)})
+    return sorted({step * max(1, round(size / step * i / points)) for i in range(1, points + 1)})
 
 
 @torch.no_grad()
@@ -85,7 +86,7 @@ def time_layer(sig: dict, cin: int, cout: int, batch: int, channels_last: bool, 
     inputs and `cout` outputs (depthwise: cin = cout) at `batch`, repeated until a timing is ≥ 0.2 ms
     long so that short layers are not lost in the timer's resolution."""
     if sig["kind"] == "conv":
-        groups = cin if sig["dw"] else 1
+        groups = cin if sig["dw"] else sig.get("groups", 1)
         layer = nn.Conv2d(cin, cin if sig["dw"] else cout, sig["k"], sig["stride"], sig["padding"], sig["dilation"],
                           groups=groups, bias=bias)
         x = torch.randn(batch, cin, *sig["hw"])
@@ -155,13 +156,13 @@ class LatencyTable:
                            else m.padding, dilation=list(m.dilation), dw=_is_depthwise(m),
                            hw=list(inputs[name][-2:]), bias=bias)
                 if m.groups > 1 and not sig["dw"]:
-                    raise PruneLabError(f"grouped convolution {name} (groups={m.groups}) is not supported by "
-                                        "target=latency")
+                    sig["groups"] = m.groups  # only here: the signatures (cache keys) of other layers stay as they were
             else:
                 sig = dict(kind="linear", cin=m.in_features, cout=m.out_features, extra=list(inputs[name][:-1]),
                            bias=bias)
-            sig["ins"] = _levels(sig["cin"], prunable[name]["in"] and not sig.get("dw"), self.points)
-            sig["outs"] = _levels(sig["cout"], prunable[name]["out"], self.points)
+            step = sig.get("groups", 1)
+            sig["ins"] = _levels(sig["cin"], prunable[name]["in"] and not sig.get("dw"), self.points, step)
+            sig["outs"] = _levels(sig["cout"], prunable[name]["out"], self.points, step)
             self.sigs[name] = sig
             key = _digest(sig)
             if key not in self.grids:

@@ -16,7 +16,7 @@ from torch import nn
 from prune_lab.errors import PruneLabError
 from prune_lab.sparsity.latency import ALLOCATIONS, LatencyTable
 from prune_lab.sparsity.measure import observe_forward
-from prune_lab.sparsity.structure import ChannelGroups, solve_flops_target
+from prune_lab.sparsity.structure import ChannelGroups, drop_order, kept_counts, solve_flops_target
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +47,10 @@ def removable_blocks(model: nn.Module, example_input: torch.Tensor) -> list[str]
     return [n for n, s in same.items() if s]
 
 
-def _kept_levels(size: int, round_to: int, min_keep: float = 0.0) -> list[int]:
-    """Kept counts a group steps through, largest first: every count, or multiples of round_to,
-    down to max(1, ⌈min_keep · size⌉)."""
-    floor = max(1, math.ceil(min_keep * size - 1e-9))
-    return [k for k in range(size - 1, floor - 1, -1) if round_to <= 1 or k % round_to == 0]
+def _kept_levels(size: int, round_to: int, min_keep: float = 0.0, slices: int = 1) -> list[int]:
+    """Kept counts a group steps through, largest first: every count, or multiples of round_to
+    (and of a grouped conv's groups), down to max(1, ⌈min_keep · size⌉)."""
+    return kept_counts(size, slices, round_to, math.ceil(min_keep * size - 1e-9))
 
 
 class _Greedy:
@@ -71,7 +70,7 @@ class _Greedy:
                  values: list[torch.Tensor] | None = None, min_keep: float = 0.0, blocks: list[str] = (),
                  start: list[int] | None = None, lookahead: int = 1):
         self.table, self.sizes, self.roots = table, groups.sizes, groups.roots
-        self.order = [torch.sort(s.float(), stable=True).indices for s in scores]
+        self.order = [drop_order(s.float(), sl) for s, sl in zip(scores, groups.slices)]
         # cum[g][k]: the group's value with its k lowest-scored channels removed (decreasing in k)
         self.cum = []
         for g, s in enumerate(scores):
@@ -79,10 +78,10 @@ class _Greedy:
                 v = values[g].double().clamp_min(0)[self.order[g]]
                 self.cum.append([-c for c in [0.0] + torch.cumsum(v, 0).tolist()])
                 continue
-            v = torch.sort(s.double().clamp_min(0), stable=True).values
+            v = s.double().clamp_min(0)[self.order[g]]  # in drop order (sorted, but for grouped convs)
             total = float(v.sum()) or 1.0  # kept share after removing the k lowest, floored: no log 0
             self.cum.append([math.log(max(1.0 - c / total, 1e-9)) for c in [0.0] + torch.cumsum(v, 0).tolist()])
-        self.levels = [_kept_levels(size, round_to, min_keep) for size in self.sizes]
+        self.levels = [_kept_levels(size, round_to, min_keep, sl) for size, sl in zip(self.sizes, groups.slices)]
         self.pos = [0] * len(self.sizes)
         self.pruned = [0] * len(self.sizes)
         self.dropped = [torch.zeros(size, dtype=torch.bool) for size in self.sizes]
@@ -250,11 +249,11 @@ def solve_latency_target(groups: ChannelGroups, table: LatencyTable, scores: lis
 def max_reduction(groups: ChannelGroups, table: LatencyTable, round_to: int = 1, min_keep: float = 0.0) -> float:
     """The predicted latency reduction with every group at its smallest kept count."""
     plan = {}
-    for root, size in zip(groups.roots, groups.sizes):
-        levels = _kept_levels(size, round_to, min_keep) or [size]
-        keep = torch.zeros(size, dtype=torch.bool)
-        keep[:levels[-1]] = True
-        plan[root] = keep
+    for root, size, slices in zip(groups.roots, groups.sizes, groups.slices):
+        levels = _kept_levels(size, round_to, min_keep, slices) or [size]
+        keep = torch.zeros(slices, size // slices, dtype=torch.bool)
+        keep[:, :levels[-1] // slices] = True  # the same positions in every slice of a grouped conv
+        plan[root] = keep.flatten()
     return table.reduction(plan)
 
 

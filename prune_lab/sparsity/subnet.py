@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from prune_lab.errors import PruneLabError
-from prune_lab.sparsity.structure import ChannelGroups, FlopsModel
+from prune_lab.sparsity.structure import ChannelGroups, FlopsModel, drop_order
 
 DEFAULT_WIDTHS = (0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
 
@@ -93,7 +93,8 @@ class SubnetSpace:
     @torch.no_grad()
     def order(self, channel_scores: list[torch.Tensor]) -> None:
         """Fix the nesting: channels by score (high first), non-first blocks by mean |w|."""
-        self.channel_order = [torch.argsort(s, descending=True, stable=True) for s in channel_scores]
+        # highest first, stable (a grouped conv's positions are kept in all its groups at once)
+        self.channel_order = [drop_order(-s, sl) for s, sl in zip(channel_scores, self.groups.slices)]
         self.block_order = []
         for _, stage in self.stages:
             score = {j: torch.cat([p.detach().abs().flatten() for p in stage[j].parameters()]).mean().item()
@@ -125,11 +126,18 @@ class SubnetSpace:
             out += [f"{name}.{j}" for j in sorted(order[depth - 1:])]
         return out
 
+    def kept(self, gi: int, width: float) -> int:
+        """Channels group `gi` keeps at `width`: ⌈width · size⌉, at least one, rounded up to whole
+        positions of every group of a grouped conv."""
+        size, slices = self.groups.sizes[gi], self.groups.slices[gi]
+        return slices * max(1, math.ceil(width * size / slices - 1e-9))
+
     def channel_plan(self, arch: Arch) -> dict[str, torch.Tensor]:
         plan = {}
-        for root, size, order, stage in zip(self.groups.roots, self.groups.sizes, self.channel_order, self.group_stage):
+        for gi, (root, size, order, stage) in enumerate(zip(self.groups.roots, self.groups.sizes, self.channel_order,
+                                                            self.group_stage)):
             keep = torch.zeros(size, dtype=torch.bool)
-            keep[order[:max(1, math.ceil(arch.widths[stage] * size - 1e-9))]] = True
+            keep[order[:self.kept(gi, arch.widths[stage])]] = True
             plan[root] = keep
         return plan
 
@@ -154,9 +162,9 @@ class SubnetSpace:
         modules = dict(self.model.named_modules())
         plan = self.channel_plan(arch)
         handles, swapped = [], []
-        for root, members, size, stage in zip(self.groups.roots, self.groups.members, self.groups.sizes,
-                                              self.group_stage):
-            if max(1, math.ceil(arch.widths[stage] * size - 1e-9)) >= size:  # whole: decided on the host, no read
+        for gi, (root, members, size, stage) in enumerate(zip(self.groups.roots, self.groups.members, self.groups.sizes,
+                                                              self.group_stage)):
+            if self.kept(gi, arch.widths[stage]) >= size:  # whole: decided on the host, no read
                 continue
             keep = plan[root]
             for name, kind, root_idxs in members:  # every producer of the group's channels (conv, BN)
