@@ -85,6 +85,17 @@ def masked_copy(model: nn.Module, groups: ChannelGroups, plan) -> nn.Module:
     return twin
 
 
+def shrunk_and_checked(model: nn.Module, groups: ChannelGroups, flops: FlopsModel, plan, x) -> nn.Module:
+    """The shrunk model, after checking that it costs what the FLOPs model predicted and computes what
+    the masked model computes (eval mode)."""
+    small = shrink(model, plan, x).eval()
+    assert count_flops(small, x) == flops.macs(plan)
+    twin = masked_copy(model, groups, plan).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), small(x), atol=1e-5, rtol=1e-5)
+    return small
+
+
 # -- the solver, the FLOPs model and shrink agree ------------------------------------------------------
 def test_flops_model_dense_equals_torch_counter(case):
     assert case.flops.macs() == case.dense
@@ -247,13 +258,7 @@ def test_depthwise_model_masks_match_shrink():
     groups = ChannelGroups(model, x, ignored=[model[-1]])
     flops = FlopsModel(groups, x)
     plan = solve_flops_target(groups, flops, groups.scores(Magnitude().channel_scorer()), 0.5)
-    small = shrink(model, plan, x)
-    assert count_flops(small, x) == flops.macs(plan)
-    twin = masked_copy(model, groups, plan)
-    twin.eval()
-    small.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(twin(x), small(x), atol=1e-5, rtol=1e-5)
+    shrunk_and_checked(model, groups, flops, plan, x)
 
 
 def test_channel_plan_masks_survive_maskset_round_trip():
@@ -361,11 +366,7 @@ def test_groups_through_a_channel_shuffle_stay_whole_and_the_rest_prunes():
     assert {"4", "7"} <= set(groups.roots)  # ... the channels after it are
     flops = FlopsModel(groups, x)
     plan = solve_flops_target(groups, flops, groups.scores(Magnitude().channel_scorer()), 0.4)
-    small = shrink(model, plan, x)
-    assert count_flops(small, x) == flops.macs(plan)
-    twin = masked_copy(model, groups, plan).eval()
-    with torch.no_grad():
-        torch.testing.assert_close(twin(x), small(x), atol=1e-5, rtol=1e-5)
+    shrunk_and_checked(model, groups, flops, plan, x)
 
 
 class TinyTransformer(nn.Module):
@@ -395,11 +396,7 @@ def test_layernormed_stream_stays_whole_and_flops_outside_modules_are_counted():
     flops = FlopsModel(groups, x)
     assert flops.other > 0 and flops.macs() == count_flops(model, x)
     plan = solve_flops_target(groups, flops, groups.scores(Magnitude().channel_scorer()), 0.3)
-    small = shrink(model, plan, x)
-    assert count_flops(small, x) == flops.macs(plan)
-    twin = masked_copy(model, groups, plan).eval()
-    with torch.no_grad():
-        torch.testing.assert_close(twin(x), small(x), atol=1e-5, rtol=1e-5)
+    shrunk_and_checked(model, groups, flops, plan, x)
 
 
 def test_a_flops_budget_the_prunable_groups_cannot_reach_is_refused_before_training():
@@ -448,8 +445,5 @@ def test_a_group_coupled_to_itself_prunes_its_coupled_channels_together():
     assert root_coupling(groups.graph, groups.graph.get_pruning_group(model[0], stem, list(range(16)))) == 2
     flops = FlopsModel(groups, x)
     plan = solve_flops_target(groups, flops, groups.scores(Magnitude().channel_scorer()), 0.4, tolerance=0.05)
-    small = shrink(model, plan, x)
-    assert small[0].out_channels < 16 and count_flops(small, x) == flops.macs(plan)
-    twin = masked_copy(model, groups, plan).eval()
-    with torch.no_grad():
-        torch.testing.assert_close(twin(x), small(x), atol=1e-5, rtol=1e-5)
+    small = shrunk_and_checked(model, groups, flops, plan, x)
+    assert small[0].out_channels < 16
