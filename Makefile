@@ -22,10 +22,14 @@ data:
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-# Default suite (fast) plus a representative few slow end-to-end tests.
+# Default suite (fast) plus a representative few slow end-to-end tests, on TEST_WORKERS processes
+# (pytest-xdist) of one thread each: most tests are small models, where a second intra-op thread buys
+# little and two oversubscribed OpenMP pools on a loaded 2-core box made some tests 5x slower.
+TEST_WORKERS ?= 2
+PYTEST := OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(TEST_WORKERS)
 test: install data
-	$(BIN)/python -m pytest -q -x tests
-	$(BIN)/python -m pytest -q -m "slow and ci" tests
+	$(PYTEST) -q -x tests
+	$(PYTEST) -q -m "slow and ci" tests
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -q -d site
 
 # The documentation site (mkdocs-material, mkdocs.yml; pages under docs/), built strictly into site/
@@ -34,7 +38,7 @@ docs: install
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -d site
 
 test-slow: install data
-	$(BIN)/python -m pytest -q -m slow tests
+	$(PYTEST) -q -m slow tests
 
 quickstart: install
 	$(BIN)/python train.py experiment=quickstart method=magnitude budget=0.9
