@@ -14,7 +14,7 @@ $(BIN)/.installed: constraints.txt pyproject.toml
 	touch $@
 
 # Fashion-MNIST, the evidence benchmark's data, from Debian's package (needs root or sudo; the
-# files can also be placed in data/fashion_mnist/ by hand, see README "Evidence benchmark").
+# files can also be placed in data/fashion_mnist/ by hand, see docs/guides/evidence-benchmark.md).
 FMNIST := /usr/share/datasets/fashion-mnist
 data:
 	@test -d $(FMNIST) || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist >/dev/null; } \

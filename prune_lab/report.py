@@ -1,8 +1,10 @@
 """The run's record: results.json (schema 1, DESIGN.md §4) and layers.png."""
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -143,3 +145,32 @@ def exported_latency(pt2: Path, dense: nn.Module, example_input: torch.Tensor, l
     d, p = min(times["dense"]), min(times["pruned"])
     return {"input": "nchw", "weights": "channels_last" if cl and xb.dim() == 4 else "contiguous",
             "bn_folded": fold, "stat": "min", "dense_ms": d, "pruned_ms": p, "reduction": 1.0 - p / d}
+
+
+# The quick start's tables in README.md and docs/get-started/quickstart.md are this rendering of the
+# committed docs/quickstart/<name>.json (scripts/quickstart_docs.py writes them, tests/test_docs.py
+# checks them), so the printed numbers and the machine that produced them live in one file.
+QUICKSTART_START = "<!-- QUICKSTART:{name}:START (scripts/quickstart_docs.py; do not edit) -->"
+QUICKSTART_END = "<!-- QUICKSTART:END -->"
+
+
+def summary_text(results: dict, indent: int = 4) -> str:
+    """`summary_table` as plain text without its title, as a markdown code block (indented)."""
+    from rich.console import Console
+
+    table = summary_table(results)
+    table.title = None
+    console = Console(width=80, record=True, color_system=None, force_terminal=False, file=io.StringIO())
+    console.print(table)
+    lines = console.export_text(styles=False).rstrip("\n").splitlines()
+    return "\n".join(" " * indent + line.rstrip() for line in lines)
+
+
+def quickstart_blocks(text: str, root: Path) -> str:
+    """`text` with every QUICKSTART:<name> block replaced by the table of docs/quickstart/<name>.json."""
+    def block(m: re.Match) -> str:
+        results = json.loads((root / "docs" / "quickstart" / f"{m.group(1)}.json").read_text())
+        return f"{QUICKSTART_START.format(name=m.group(1))}\n{summary_text(results)}\n{QUICKSTART_END}"
+
+    start = re.escape(QUICKSTART_START).replace(r"\{name\}", r"([\w.]+)")
+    return re.sub(start + r".*?" + re.escape(QUICKSTART_END), block, text, flags=re.S)

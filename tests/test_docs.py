@@ -26,6 +26,20 @@ def test_results_block_and_page_are_the_generators_output():
         "docs/results.md is stale: python scripts/study.py --summary"
 
 
+def test_quick_start_tables_are_the_committed_runs_rendered():
+    """The printed tables in README and the quick-start page come from docs/quickstart/*.json, and
+    every committed run is shown somewhere (a table cannot drift from the JSON holding its machine)."""
+    from prune_lab.report import QUICKSTART_END, quickstart_blocks
+
+    shown = set()
+    for page in (ROOT / "README.md", ROOT / "docs" / "get-started" / "quickstart.md"):
+        text = page.read_text()
+        assert text.count(QUICKSTART_END) >= 1, f"{page.name} shows no quick-start table"
+        assert text == quickstart_blocks(text, ROOT), f"{page.name} is stale: python scripts/quickstart_docs.py"
+        shown |= set(re.findall(r"QUICKSTART:([\w.]+):START", text))
+    assert shown == {p.stem for p in (ROOT / "docs" / "quickstart").glob("*.json")}
+
+
 def test_readme_is_short():
     assert len((ROOT / "README.md").read_text().splitlines()) < 300
 
@@ -83,7 +97,7 @@ def shown_commands() -> list[tuple[str, list[str]]]:
 def user_module(tmp_path_factory):
     """The README's own `my_models.py`, so that the command importing it composes and validates."""
     readme = (ROOT / "README.md").read_text()
-    code = re.search(r"# my_models\.py\n(.*?)\n\s*python train\.py imports", readme, re.S)
+    code = re.search(r"# my_models\.py[^\n]*\n(.*?)\n\s*python train\.py imports", readme, re.S)
     assert code, "README's my_models.py example is gone"
     folder = tmp_path_factory.mktemp("user")
     (folder / "my_models.py").write_text("\n".join(line[6:] for line in code.group(1).splitlines()) + "\n")
