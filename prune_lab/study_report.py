@@ -100,8 +100,9 @@ def write_report(study: Study, rows: list[dict], report: Path) -> list[dict]:
                       "adjusted. Verdicts: better (low end > 0), worse (high end < 0), not worse (low end > −margin), "
                       "equivalent (two one-sided tests at the margin, `==` claims only), within noise. "
                       "forest.png draws every claim.", ""]
-    lines += ["![every claim's paired difference with its 95 % interval](forest.png)", "",
-              "![the metric against the budget, mean ± std over seeds](plot.png)", ""]
+    if judged:  # a selection study (no claims) draws no forest plot
+        lines += ["![every claim's paired difference with its 95 % interval](forest.png)", ""]
+    lines += ["![the metric against the budget, mean ± std over seeds](plot.png)", ""]
     if (report / "curves.png").is_file():
         lines += ["![validation top-1 per epoch](curves.png)", ""]
     (report / "table.md").write_text("\n".join(lines))
