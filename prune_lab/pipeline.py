@@ -371,7 +371,10 @@ def run(cfg: DictConfig) -> dict:
         "budget": 0.0 if cfg.method.name == "dense" else float(cfg.budget),
         "target": cfg.method.target, "model": cfg.model.name, "data": dm.name, "seed": int(cfg.seed),
         "tags": list(cfg.get("tags") or []),
-        "dense": {k: dense[k] for k in ("top1", "top5", "params", "flops")},
+        # train_wall_s: the dense reference's own training time, recorded when it was trained (cached
+        # references written before the key read NaN)
+        "dense": {**{k: dense[k] for k in ("top1", "top5", "params", "flops")},
+                  "train_wall_s": float(dense.get("train_wall_s", float("nan")))},
         "pruned": pruned,
         "budget_met": cfg.method.name == "dense" or met,
         "latency": latency,

@@ -47,6 +47,10 @@ def test_each_method_writes_a_complete_run_directory(method, budget, tmp_path, d
     assert on_disk["schema"] == 1 and on_disk["method"] == method and on_disk["budget"] == budget
     assert set(on_disk) >= {"dense", "pruned", "latency", "layers", "train", "env"}
     assert on_disk["pruned"]["top1"] == pytest.approx(results["pruned"]["top1"])
+    # the dense reference's training time is the cached record's, whether this run trained it or not
+    records = [json.loads(f.read_text()) for f in dense_dir.glob("*/dense.json")]
+    cached = [r for r in records if (r["top1"], r["flops"]) == (on_disk["dense"]["top1"], on_disk["dense"]["flops"])]
+    assert cached and on_disk["dense"]["train_wall_s"] == cached[0]["train_wall_s"] > 0
     assert (out / "layers.png").read_bytes()[:4] == b"\x89PNG"
 
     state = load_file(str(out / "model.safetensors"))
