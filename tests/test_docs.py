@@ -44,6 +44,19 @@ def test_readme_is_short():
     assert len((ROOT / "README.md").read_text().splitlines()) < 300
 
 
+def test_every_study_table_is_in_the_site_navigation():
+    """A study a reader cannot find in the site's menu is evidence nobody reads; claimless studies
+    (selections, probes) sit in their own section so they are not mistaken for verdicts."""
+    nav = (ROOT / "mkdocs.yml").read_text()
+    tables = sorted((ROOT / "docs" / "studies").glob("*/table.md"))
+    missing = [t.parent.name for t in tables if f"studies/{t.parent.name}/table.md" not in nav]
+    assert not missing, f"add to mkdocs.yml nav (Results): {missing}"
+    selections = nav[nav.index("Selections and probes"):nav.index("  - Performance:")]
+    for t in tables:
+        has_claims = "| claim |" in t.read_text()
+        assert (f"studies/{t.parent.name}/table.md" in selections) != has_claims, t.parent.name
+
+
 def test_no_comparison_outside_the_verdict_vocabulary():
     hits = []
     for page in PAGES:
