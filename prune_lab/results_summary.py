@@ -81,8 +81,9 @@ def results_page(studies: list[tuple[str, dict]]) -> str:
         counts: dict[str, int] = {}
         for v in data["claims"]:
             counts[v["verdict"]] = counts.get(v["verdict"], 0) + 1
+        kind = "a probe" if str(data.get("description", "")).startswith("Probe") else "a selection"
         summary = ", ".join(f"{n} {w}" for w, n in sorted(counts.items(), key=lambda kv: -kv[1])) \
-            or "no claims (a selection)"
+            or f"no claims ({kind})"
         seeds = ", ".join(str(s) for s in data.get("seeds", []))
         cpu = " + ".join(CPU_NAMES.get(k, k) for k in data.get("cpu") or ["unknown"])
         lines.append(f"| [{folder}](studies/{folder}/table.md) | {data.get('paradigm') or '–'} | "

@@ -32,8 +32,9 @@ def test_every_shipped_study_loads_and_composes():
     assert "quickstart" in names
     for name in names:
         study = load_study(name)
-        # a study states claims, unless it is a selection (a schedule chosen on validation data, not a claim)
-        assert study.claims or study.description.startswith("Selection"), name
+        # a study states claims, unless it is a selection (a schedule chosen on validation data) or a
+        # probe (a measurement of why), and its description says which
+        assert study.claims or study.description.startswith(("Selection", "Probe")), name
         assert sum(c.primary for c in study.claims) <= 3, name
         check_overrides(study)  # every variant composes with the real config
 
