@@ -1,8 +1,10 @@
-"""Pictures of a study: the metric against the budget (`plot.png`, from the rows) and the
-validation accuracy against the epoch (`curves.png`, from the job folders still on this machine)."""
+"""Pictures of a study: the metric against the budget (`plot.png`, from the rows), the
+validation accuracy against the epoch (`curves.png`) and, for runs that explore (IEE), what each
+grow does (`exploration.png`): the last two from the job folders still on this machine."""
 from __future__ import annotations
 
 import csv
+import json
 import statistics
 from pathlib import Path
 
@@ -100,6 +102,76 @@ def curves(study, jobs, path: Path, key: str = "val/top1") -> int:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return sum(n for n, _ in means.values())
+
+
+def read_exploration(job_dir: Path) -> dict[str, list[tuple]]:
+    """A finished IEE run's record of its grows (results.json `train.turnover` and
+    `train.grow_loss`): {"turnover": [(cycle, grown, never active before)], "grow_loss": [(step,
+    loss with the grown values − loss with them at zero)]}; {} for a run without them."""
+    path = job_dir / "results.json"
+    train = json.loads(path.read_text()).get("train", {}) if path.is_file() else {}
+    out = {}
+    if train.get("turnover", {}).get("per_grow"):
+        out["turnover"] = [(r["cycle"], r["grown"], r["never_active"]) for r in train["turnover"]["per_grow"]]
+    if train.get("grow_loss", {}).get("per_grow"):
+        out["grow_loss"] = [(r["step"], r["loss"] - r["loss_at_zero"]) for r in train["grow_loss"]["per_grow"]]
+    return out
+
+
+def exploration(study, jobs, path: Path) -> int:
+    """For runs that record their grows (IEE): units grown per cycle and how many of them were never
+    active before (left), and the training loss with the grown values minus the loss with the grown
+    units at zero, per grow (right; above 0: the values the grow gives hurt). Mean over seeds per
+    (budget, variant), over the grows every seed has; the numbers in `path` with suffix .csv.
+    Returns the number of runs drawn (0: nothing written)."""
+    found: dict = {}
+    for job in jobs:
+        record = read_exploration(job.directory) if job.done else {}
+        if record:
+            found.setdefault((job.budget, job.variant), []).append(record)
+    if not found:
+        return 0
+    means: dict = {}  # (budget, variant, record) -> (runs, [(x, mean of each value)])
+    for (budget, variant), records in found.items():
+        for what in ("turnover", "grow_loss"):
+            runs = [r[what] for r in records if what in r]
+            if runs:
+                means[(budget, variant, what)] = (len(runs), [
+                    (rows[0][0], *(statistics.fmean(v) for v in zip(*(row[1:] for row in rows))))
+                    for rows in zip(*runs)])  # zip: the grows every run has
+    with open(path.with_suffix(".csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["budget", "variant", "record", "runs", "cycle or step", "grown or loss increase", "never active"])
+        w.writerows([b, v, what, n, x, *(round(a, 6) for a in vals)] for (b, v, what), (n, pts) in means.items()
+                    for x, *vals in pts)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    budgets = sorted({b for b, _, _ in means})
+    fig, axes = plt.subplots(len(budgets), 2, figsize=(13, 4.2 * len(budgets)), squeeze=False)
+    for (left, right), budget in zip(axes, budgets):
+        for i, variant in enumerate(study.variants):
+            style = dict(color=f"C{i % 10}", marker=".")
+            if (budget, variant, "turnover") in means:
+                n, pts = means[(budget, variant, "turnover")]
+                left.plot([p[0] + 1 for p in pts], [p[1] for p in pts], label=f"{variant} ({n} seeds)", **style)
+                left.plot([p[0] + 1 for p in pts], [p[2] for p in pts], ls="--", **style)
+            if (budget, variant, "grow_loss") in means:
+                n, pts = means[(budget, variant, "grow_loss")]
+                right.plot([p[0] for p in pts], [p[1] for p in pts], label=f"{variant} ({n} seeds)", **style)
+        left.set(title=f"budget {budget:g}: units grown per cycle (dashed: never active before)",
+                 xlabel="cycle", yscale="log")
+        right.axhline(0, color="black", lw=1)
+        right.set(title=f"budget {budget:g}: loss, grown values − grown units at zero", xlabel="step")
+        for ax in (left, right):
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=6, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return sum(len(records) for records in found.values())
 
 
 def forest(name: str, judged: list[dict], path: Path) -> None:

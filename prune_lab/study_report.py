@@ -105,6 +105,9 @@ def write_report(study: Study, rows: list[dict], report: Path) -> list[dict]:
     lines += ["![the metric against the budget, mean ± std over seeds](plot.png)", ""]
     if (report / "curves.png").is_file():
         lines += ["![validation top-1 per epoch](curves.png)", ""]
+    if (report / "exploration.png").is_file():
+        lines += ["![what each grow does: units grown per cycle, never-active ones dashed; loss change at "
+                  "the grow against the grown units at zero](exploration.png)", ""]
     (report / "table.md").write_text("\n".join(lines))
     meta = {"schema": SCHEMA, "study": study.name, "description": study.description, "paradigm": study.paradigm,
             "base": study.base, "metric": study.metric, "benchmark": _benchmark(study.base),

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 from prune_lab.errors import PruneLabError  # noqa: E402
 from prune_lab.study import carried_rows, check_overrides, collect, covering, load_study, run_jobs  # noqa: E402
 from prune_lab.study_report import write_report  # noqa: E402
-from prune_lab.study_plots import curves  # noqa: E402
+from prune_lab.study_plots import curves, exploration  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,8 +114,10 @@ def main(argv: list[str] | None = None) -> int:
                               progress=lambda j: bar.update(task, advance=1, last=f"{j.variant} b={j.budget:g} s={j.seed}"),
                               devices=devices)
     rows = collect(study, out, carried)
-    judged = write_report(covering(study, rows), rows, report)
+    report.mkdir(parents=True, exist_ok=True)  # the pictures first: table.md links the ones that exist
     drawn = curves(study, study.jobs(out), report / "curves.png")
+    explored = exploration(study, study.jobs(out), report / "exploration.png")
+    judged = write_report(covering(study, rows), rows, report)
     print((report / "table.md").read_text())
     for job, rc in failed:
         print(f"failed (exit {rc}): {job.directory} — see its run.log", file=sys.stderr)
@@ -124,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"{missing} of {len(jobs)} jobs have no results yet; run the same command to continue", file=sys.stderr)
     print(f"report: {report}/table.md, table.csv, verdicts.json, plot.png ({len(judged)} verdicts)"
-          + (f", curves.png + curves.csv ({drawn} runs with their job folder here)" if drawn else ""))
+          + (f", curves.png + curves.csv ({drawn} runs with their job folder here)" if drawn else "")
+          + (f", exploration.png + exploration.csv ({explored} runs)" if explored else ""))
     return 1 if failed else 0
 
 

@@ -269,6 +269,34 @@ def test_curves_average_the_logged_validation_accuracy_over_seeds(tmp_path):
     assert curves(study, [], tmp_path / "none.png") == 0 and not (tmp_path / "none.png").exists()
 
 
+def test_exploration_averages_each_grow_over_seeds_and_skips_runs_without_a_record(tmp_path):
+    from prune_lab.study_plots import exploration
+
+    study = Study(name="t", description="", base=[], variants={"IEE": [], "RigL": []}, budgets=[0.95], seeds=[0, 1])
+    jobs = study.jobs(tmp_path)
+    for job in jobs:
+        job.directory.mkdir(parents=True)
+        train = {"flops_ratio": 0.3}
+        if job.variant == "IEE":  # seed 1 has one grow more than seed 0: only the shared grows are averaged
+            grows = range(2 + job.seed)
+            train["turnover"] = {"per_grow": [{"cycle": c, "grown": 10 * (c + 1) + job.seed, "returning": 0,
+                                               "earlier": 0, "never_active": 4 + 2 * job.seed} for c in grows]}
+            train["grow_loss"] = {"per_grow": [{"step": 100 * (c + 1), "loss": 0.5 + 0.1 * job.seed,
+                                                "loss_at_zero": 0.5} for c in grows]}
+        (job.directory / "results.json").write_text(json.dumps({"train": train}))
+    assert exploration(study, jobs, tmp_path / "exploration.png") == 2  # the two IEE runs; RigL records no grow
+    assert (tmp_path / "exploration.png").stat().st_size > 0
+    with open(tmp_path / "exploration.csv") as f:
+        rows = list(csv.reader(f))[1:]
+    turnover = [r for r in rows if r[2] == "turnover"]
+    loss = [r for r in rows if r[2] == "grow_loss"]
+    assert [(r[1], r[3], r[4], float(r[5]), float(r[6])) for r in turnover] == \
+        [("IEE", "2", "0", 10.5, 5.0), ("IEE", "2", "1", 20.5, 5.0)]
+    assert [(r[4], float(r[5])) for r in loss] == [("100", pytest.approx(0.05)), ("200", pytest.approx(0.05))]
+    assert exploration(study, [j for j in jobs if j.variant == "RigL"], tmp_path / "none.png") == 0
+    assert not (tmp_path / "none.png").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.ci
 def test_study_runs_resumes_and_starts_no_job_the_second_time(tmp_path, dense_dir):
