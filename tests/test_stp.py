@@ -257,6 +257,8 @@ def test_stp_quickstart_extracts_a_subnet_within_budget(tmp_path, dense_dir):
     assert stp["estimated_flops_reduction"] == pytest.approx(results["pruned"]["flops_reduction"])
     assert stp["subnet_counts"]["steps"] == results["train"]["steps"] > 0
     assert stp["subnet_counts"]["steps_without_band"] == 0  # the budget is trained from the first step
+    # the full pass (1) plus 2 subnet passes a step, each below the full network's MACs (exact sum: unit test)
+    assert 1.0 < results["train"]["flops_ratio"] < 3.0
     assert 0.5 <= stp["budget_band_share"] <= 1 and stp["budget_band"] == [0.5, 0.52]
     magnitude = stp["kept_dropped_magnitude"]
     assert magnitude["start"]["ratio"] > 0 and magnitude["end"]["ratio"] > 0
@@ -316,5 +318,13 @@ def test_subnet_target_chooses_what_the_sampled_subnets_learn_from(target):
                 out = model(x)
             expected += float(subnet_kl(out, logits) if target == "teacher" else F.cross_entropy(out, y))
     assert float(loss) == pytest.approx(expected, rel=1e-5)
+    # training cost: each subnet pass at its own MACs, the full pass at 1 (a step of 2 subnets here)
+    fractions = [cb.space.macs(a) / cb.space.dense_macs for a in archs]
+    assert cb.subnet_macs == pytest.approx(sum(fractions)) and all(0 < f <= 1 for f in fractions)
+    cb.train_steps = 1
+    assert cb.report()["train"]["flops_ratio"] == pytest.approx(1.0 + sum(fractions))
+    resumed = StimulativeTraining(budget=0.5, num_subnets=2, subnet_target=target, seed=3)
+    resumed.load_state_dict(cb.state_dict())  # a resumed run keeps counting from where it stopped
+    assert resumed.subnet_macs == cb.subnet_macs
     with pytest.raises(PruneLabError, match="method.subnet_target=kd is not one of: teacher, labels"):
         StimulativeTraining(budget=0.5, subnet_target="kd")

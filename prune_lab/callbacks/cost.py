@@ -5,7 +5,8 @@ MACs from the masks the forward pass used (`prune_lab.sparsity.cost`: forward d�
 2·d·MACs): 1.0 for dense training, the mean density for masked fine-tuning, less for gradual
 pruning. Methods that execute more than their masks say report their own number, which the
 pipeline prefers: the `Regrowth` callback (RigL's dense gradients, IEE's exploration) and
-`DynamicSparsity` (SR-STE's dense weight gradient). A distillation teacher's forward passes are
+`DynamicSparsity` (SR-STE's dense weight gradient), and STP (its subnet passes, each at the subnet's
+MACs). A distillation teacher's forward passes are
 not counted: the number is the cost of training the pruned network itself.
 """
 from __future__ import annotations

@@ -105,6 +105,9 @@ class StimulativeTraining(L.Callback):
         self.start_magnitudes: dict[str, torch.Tensor] = {}
         # sampled subnets: all, in the budget's band, steps that had none in the band
         self.counts = {"sampled": 0, "in_band": 0, "steps": 0, "steps_without_band": 0}
+        # training cost of the subnet passes: their MACs as a fraction of the full network's, summed
+        # over every sampled subnet (results.json train.flops_ratio); `train_steps` set at fit end
+        self.subnet_macs, self.train_steps, self._macs_fraction = 0.0, 0, {}
         self.summary: dict = {}
         self.pool: ArchPool | None = None
         self._heldout: torch.Tensor | None = None
@@ -195,6 +198,10 @@ class StimulativeTraining(L.Callback):
         rng = random.Random(f"{self.seed}-{trainer.global_step}")  # identical on every DDP rank
         archs = self.sampler.sample(self._progress(trainer), rng, self.elites)
         in_band = sum(self.sampler.in_band(a) for a in archs)
+        for arch in archs:
+            if arch not in self._macs_fraction:
+                self._macs_fraction[arch] = self.space.macs(arch) / self.space.dense_macs
+            self.subnet_macs += self._macs_fraction[arch]
         self.counts["sampled"] += len(archs)
         self.counts["in_band"] += in_band
         self.counts["steps"] += 1
@@ -296,6 +303,7 @@ class StimulativeTraining(L.Callback):
 
     # -- extraction -----------------------------------------------------------------------
     def on_fit_end(self, trainer, pl_module):
+        self.train_steps = int(trainer.global_step)
         if not self.ordered:
             self._order(pl_module)
         t0 = time.time()
@@ -401,12 +409,20 @@ class StimulativeTraining(L.Callback):
             yield x.to(device), y
 
     def report(self) -> dict:
-        return {"stp": self.summary}
+        """The search's record, and the training cost with the subnet passes counted (TrainCost sees
+        one full-network pass a step): each subnet pass at its own MACs, as an implementation that
+        slices channels would execute it (here a subnet runs at full cost with channels zeroed,
+        which the wall time shows). The elite re-rankings and the search (forward passes on the
+        held-out slice) are not training steps and are not counted."""
+        out = {"stp": self.summary}
+        if self.train_steps:
+            out["train"] = {"flops_ratio": 1.0 + self.subnet_macs / self.train_steps}
+        return out
 
     def state_dict(self):
         return {"ordered": self.ordered, "channel_scores": self.channel_scores,
                 "elites": [a.as_dict() for a in self.elites], "start_magnitudes": self.start_magnitudes,
-                "counts": dict(self.counts)}
+                "counts": dict(self.counts), "subnet_macs": self.subnet_macs}
 
     def load_state_dict(self, state):
         self.ordered = bool(state["ordered"])
@@ -414,3 +430,4 @@ class StimulativeTraining(L.Callback):
         self.elites = [Arch(tuple(a["depths"]), tuple(a["widths"])) for a in state["elites"]]
         self.start_magnitudes = dict(state.get("start_magnitudes", {}))
         self.counts.update(state.get("counts", {}))
+        self.subnet_macs = float(state.get("subnet_macs", 0.0))
