@@ -174,18 +174,27 @@ def mask_digests(masks) -> list[str]:
     return gathered
 
 
-def training_cost(results: dict, cfg: DictConfig, dense: dict, dm) -> float | None:
-    """All the training a pruned model took, in epochs of dense training on the whole training split:
-    its own optimizer steps at their measured cost (`train.flops_ratio`, per step relative to a dense
-    step of the same batch size), plus the dense reference's training when the method starts from it
-    (HALP, L1-filter, STP: the pre-training a from-scratch method saves). None when the dense model
-    was given by file (its cost is unknown). What `flops_ratio` leaves out is left out here too: a
-    distillation teacher's forward passes, STP's extra subnet passes, searches and calibration."""
+def training_cost(results: dict, cfg: DictConfig, dense: dict, dm) -> tuple[float | None, float | None]:
+    """All the training a pruned model took: (in epochs of dense training on the whole training split,
+    in wall seconds on this machine).
+
+    Epochs: its own optimizer steps at their measured cost (`train.flops_ratio`, per step relative to
+    a dense step of the same batch size), plus the dense reference's training when the method starts
+    from it (HALP, L1-filter, STP: the pre-training a from-scratch method saves). Seconds: the run's
+    `train.wall_s` (its prepare steps and training; not the dense reference's training when this run
+    happened to train it, nor a latency table both kinds of method measure) plus the dense reference's
+    recorded `train_wall_s` for those methods. None when the dense model was given by file (its cost is
+    unknown). What `flops_ratio` leaves out is left out of the epochs too: a distillation teacher's
+    forward passes, searches and calibration (the seconds include them)."""
     dense_steps_per_epoch = max(math.ceil(dm.full_train_size / dm.batch_size), 1)
     own = (results["train"].get("flops_ratio") or 0.0) * results["train"]["steps"] / dense_steps_per_epoch
+    wall = results["train"]["wall_s"]
     if not cfg.method.get("needs_dense", False):
-        return own
-    return None if "source" in dense else own + float(cfg.dense.epochs)
+        return own, wall
+    if "source" in dense:
+        return None, None
+    dense_wall = results["dense"]["train_wall_s"]
+    return own + float(cfg.dense.epochs), (None if math.isnan(dense_wall) else wall + dense_wall)
 
 
 def _test(trainer, module, dm) -> dict:
@@ -400,7 +409,7 @@ def run(cfg: DictConfig) -> dict:
         reports = [s.report() for s in prepare if callable(getattr(s, "report", None))]
     merge_reports(results, reports + [cb.report() for cb in run_callbacks + callbacks
                                       if callable(getattr(cb, "report", None))])
-    results["train"]["cost_dense_epochs"] = training_cost(results, cfg, dense, dm)
+    results["train"]["cost_dense_epochs"], results["train"]["cost_wall_s"] = training_cost(results, cfg, dense, dm)
     report.plot_layers(layers, out_dir / "layers.png",
                        f"{cfg.method.name} {cfg.model.name}/{dm.name} budget={cfg.budget} ({cfg.method.target})")
     publish(loggers, results, out_dir)

@@ -27,6 +27,11 @@ def _pm(mean: float, std: float) -> str:
     return f"{mean:.2f} ± {std:.2f}" if std == std else f"{mean:.2f}"
 
 
+def _unit(column: str) -> str:
+    """The unit in a column label's parentheses ("training cost (dense epochs)" → "dense epochs")."""
+    return column.rsplit("(", 1)[1].rstrip(")") if column.endswith(")") and "(" in column else column
+
+
 def _diff(v: dict) -> str:
     if v["mean"] != v["mean"]:
         return "–"
@@ -40,7 +45,7 @@ def _cpu(v: dict) -> str:
 
 def primary_rows(studies: list[tuple[str, dict]], link_prefix: str) -> list[str]:
     """The primary claims of every study as one markdown table, links relative to `link_prefix`."""
-    lines = ["| paradigm | claim (A … B) | budget | A top-1 (%) | B top-1 (%) | A − B, points [95 % CI] "
+    lines = ["| paradigm | claim (A … B) | budget | A | B | A − B [95 % CI] "
              "| verdict (Holm-adjusted) | seeds | CPU | study |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for folder, data in studies:
@@ -50,9 +55,11 @@ def primary_rows(studies: list[tuple[str, dict]], link_prefix: str) -> list[str]
         for v in (c for c in data["claims"] if c["primary"]):
             verdict = label(v["verdict"], v["margin"])
             claim = v["claim"].rsplit(" at budget ", 1)[0] + (f" (margin {v['margin']:g})" if v["op"] != ">" else "")
+            # top-1 (%) and points, or the claim's own quantity (a training cost: A − B signed so > 0 favours A)
+            unit = f" {_unit(v['column'])}" if v.get("column") else ""
             lines.append(f"| {data.get('paradigm') or '–'} | {claim} | {v['budget']:g} | "
-                         f"{_pm(v.get('a_mean', float('nan')), v.get('a_std', float('nan')))} | "
-                         f"{_pm(v.get('b_mean', float('nan')), v.get('b_std', float('nan')))} | {_diff(v)} | "
+                         f"{_pm(v.get('a_mean', float('nan')), v.get('a_std', float('nan')))}{unit} | "
+                         f"{_pm(v.get('b_mean', float('nan')), v.get('b_std', float('nan')))}{unit} | {_diff(v)}{unit} | "
                          f"**{verdict}** | {v['n']} | {_cpu(v)} | [{folder}]({link_prefix}{folder}/table.md) |")
     return lines
 
@@ -61,8 +68,9 @@ def readme_block(studies: list[tuple[str, dict]]) -> str:
     body = [START, "",
             f"Primary claims (a paper's headline; ≥ {PRIMARY_SEEDS} seeds, Holm-adjusted within each study) on "
             "Fashion-MNIST (`experiment=fashion_mnist`: ResNet-14, 16 px, 10,000 test images). Verdicts: "
-            "better / not worse (margin, points) / equivalent / within noise / worse; every claim, exploratory "
-            "ones included, is in [docs/results.md](docs/results.md).", ""]
+            "better / not worse (margin, points) / equivalent / within noise / worse; A and B in top-1 (%), "
+            "A − B in points, unless the claim names another quantity (then in its unit). Every claim, "
+            "exploratory ones included, is in [docs/results.md](docs/results.md).", ""]
     body += primary_rows(studies, "docs/studies/")
     return "\n".join(body + ["", END])
 
@@ -73,7 +81,8 @@ def results_page(studies: list[tuple[str, dict]]) -> str:
              "do not edit by hand. How a verdict is read: [Studies and verdicts](development/studies.md).", "",
              "## Primary claims", "",
              f"A paper's headline claims: at least {PRIMARY_SEEDS} seeds, Holm–Bonferroni across the study's "
-             "primaries. A primary claim with fewer seeds reads \"needs N more seeds\", never a verdict.", ""]
+             "primaries. A primary claim with fewer seeds reads \"needs N more seeds\", never a verdict. A and B in "
+             "top-1 (%), A − B in points, unless the claim names another quantity (then in its unit).", ""]
     lines += primary_rows(studies, "studies/")
     lines += ["", "## Every study", "",
               "Exploratory claims are unadjusted and need at least 3 seeds; each study's table, plot and forest "

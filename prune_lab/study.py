@@ -41,11 +41,16 @@ class Claim:
     margin: float = DEFAULT_MARGIN  # points of the metric (top-1 in %)
     primary: bool = False  # a headline claim of the paper: >= 5 seeds, Holm-adjusted
     why: str = ""  # the one-line justification a margin above the default needs
+    # a claim on another quantity than the study's metric (a training cost): one of the study's
+    # `columns` (its label), in that column's units; `lower` when less of it is better
+    column: str = ""
+    lower: bool = False
 
     def text(self, budget: float) -> str:
         words = {">": "better than", ">=": "not worse than", "==": "equivalent to"}[self.op]
         tail = f" (margin {self.margin:g})" if self.op != ">" else ""
-        return f"{self.a} {words} {self.b} at budget {budget:g}{tail}"
+        what = f" in {self.column}{' (lower is better)' if self.lower else ''}" if self.column else ""
+        return f"{self.a} {words} {self.b}{what} at budget {budget:g}{tail}"
 
 
 @dataclass(frozen=True)
@@ -156,14 +161,18 @@ def load_study(name_or_path: str, seeds: list[int] | None = None, budgets: list[
     if not study.seeds or any(s < 0 for s in study.seeds) or len(set(study.seeds)) != len(study.seeds):
         raise _fail(name, f"seeds={study.seeds} must be distinct non-negative integers")
     for c in raw.get("claims") or []:
-        unknown = set(c) - {"a", "b", "op", "budget", "margin", "primary", "why"}
+        unknown = set(c) - {"a", "b", "op", "budget", "margin", "primary", "why", "column", "lower_is_better"}
         if unknown:
             raise _fail(name, f"claim {c}: unknown keys {sorted(unknown)}; a claim has a, b, op, budget, margin, "
-                              "primary, why")
+                              "primary, why, column, lower_is_better")
         claim = Claim(a=str(c.get("a")), b=str(c.get("b")), op=str(c.get("op", ">")),
                       budget=None if c.get("budget") is None else float(c["budget"]),
                       margin=float(c.get("margin", DEFAULT_MARGIN)), primary=bool(c.get("primary", False)),
-                      why=str(c.get("why", "")))
+                      why=str(c.get("why", "")), column=str(c.get("column") or ""),
+                      lower=bool(c.get("lower_is_better", False)))
+        if claim.column and claim.column not in study.columns:
+            raise _fail(name, f"claim column {claim.column!r} is not one of the study's columns: "
+                              f"{', '.join(study.columns) or 'none'}")
         for side in (claim.a, claim.b):
             if side not in variants:
                 raise _fail(name, f"claim names variant {side!r}; variants are: {', '.join(variants)}")
@@ -317,6 +326,8 @@ def verdicts(study: Study, rows: list[dict]) -> list[dict]:
     out = []
     for claim in study.claims:
         for budget in [claim.budget] if claim.budget is not None else study.budgets:
+            key, unit = (claim.column, 1.0) if claim.column else ("metric", pts)
+            sign = -1.0 if claim.lower else 1.0
             seeds, excluded = [], {}
             for s in study.seeds:
                 ra, rb = row.get((claim.a, budget, s)), row.get((claim.b, budget, s))
@@ -327,16 +338,20 @@ def verdicts(study: Study, rows: list[dict]) -> list[dict]:
                     excluded[str(s)] = "different dense references"
                 elif ra.get("cpu_isa") and rb.get("cpu_isa") and ra["cpu_isa"] != rb["cpu_isa"]:
                     excluded[str(s)] = f"different CPU kinds ({ra['cpu_isa']}, {rb['cpu_isa']})"
+                elif not all(r.get(key, float("nan")) == r.get(key, float("nan")) for r in (ra, rb)):
+                    excluded[str(s)] = f"{claim.column} not recorded"
                 else:
                     seeds.append(s)
-            diffs = [pts * (row[(claim.a, budget, s)]["metric"] - row[(claim.b, budget, s)]["metric"]) for s in seeds]
+            # A − B in the claim's units, oriented so that > 0 is A better (a lower cost is better)
+            diffs = [sign * unit * (row[(claim.a, budget, s)][key] - row[(claim.b, budget, s)][key]) for s in seeds]
             run = budget in study.budgets and study.runs_at(claim.a, budget) and study.runs_at(claim.b, budget)
             v = judge(diffs, claim.op, claim.margin, claim.primary) if run else _not_run(claim)
             kinds = sorted({str(row[(side, budget, s)].get("cpu_isa") or "unknown")
                             for s in seeds for side in (claim.a, claim.b)})
             out.append({"claim": claim.text(budget), "a": claim.a, "b": claim.b, "op": claim.op, "budget": budget,
                         "margin": claim.margin, "margin_why": claim.why,
-                        "units": "points" if pts == 100 else study.metric, "metric": study.metric,
+                        "units": claim.column or ("points" if pts == 100 else study.metric),
+                        "metric": study.metric, "column": claim.column, "lower_is_better": claim.lower,
                         "seeds": seeds, "excluded": excluded, "cpu": kinds, "diffs": diffs, **v})
     adjust(out, lambda r: r["diffs"])
     return out

@@ -184,7 +184,8 @@ def forest(name: str, judged: list[dict], path: Path) -> None:
 
     from prune_lab.verdicts import label
 
-    shown = [v for v in judged if v["mean"] == v["mean"]]
+    # one axis, one unit: a claim on another quantity (a training cost) is in the table only
+    shown = [v for v in judged if v["mean"] == v["mean"] and not v.get("column")]
     if not shown:
         return
     fig, ax = plt.subplots(figsize=(12, 1.0 + 0.36 * len(shown)))

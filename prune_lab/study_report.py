@@ -27,10 +27,11 @@ def _mean_std(values: list[float], pts: float) -> str:
 
 
 def _sides(claim: dict, rows: list[dict], pts: float) -> dict:
-    """Mean ± std (points) of A and B over the seeds the claim paired."""
+    """Mean ± std of A and B over the seeds the claim paired: points of the metric, or the claim's column."""
+    key, unit = (claim["column"], 1.0) if claim.get("column") else ("metric", pts)
     out = {}
     for side in ("a", "b"):
-        vals = [pts * r["metric"] for r in rows if r["variant"] == claim[side] and r["budget"] == claim["budget"]
+        vals = [unit * r[key] for r in rows if r["variant"] == claim[side] and r["budget"] == claim["budget"]
                 and r["seed"] in claim["seeds"]]
         out[f"{side}_mean"] = statistics.fmean(vals) if vals else float("nan")
         out[f"{side}_std"] = statistics.stdev(vals) if len(vals) > 1 else float("nan")
@@ -94,12 +95,13 @@ def write_report(study: Study, rows: list[dict], report: Path) -> list[dict]:
                           "differ in it leave the seed out (`excluded`).", ""]
     if judged:
         lines += claims_table(judged)
-        lines += ["", f"Differences of {study.metric}{' in points' if pts == 100 else ''}, paired by seed; 95 % "
+        lines += ["", f"Differences of {study.metric}{' in points' if pts == 100 else ''} (a claim naming a column: of "
+                      "that column, signed so that > 0 favours A), paired by seed; 95 % "
                       f"t-interval. Primary claims need {PRIMARY_SEEDS} seeds and are Holm-adjusted across the study's "
                       f"primaries (one-sided α = {ALPHA}); exploratory claims need {EXPLORATORY_SEEDS} and are not "
                       "adjusted. Verdicts: better (low end > 0), worse (high end < 0), not worse (low end > −margin), "
                       "equivalent (two one-sided tests at the margin, `==` claims only), within noise. "
-                      "forest.png draws every claim.", ""]
+                      "forest.png draws every claim on the metric.", ""]
     if judged:  # a selection study (no claims) draws no forest plot
         lines += ["![every claim's paired difference with its 95 % interval](forest.png)", ""]
     lines += ["![the metric against the budget, mean ± std over seeds](plot.png)", ""]

@@ -75,6 +75,9 @@ def test_each_method_writes_a_complete_run_directory(method, budget, tmp_path, d
     train = on_disk["train"]
     own = (train["flops_ratio"] or 0) * train["epochs"]  # no calibration subset: an epoch is a dense epoch's steps
     assert train["cost_dense_epochs"] == pytest.approx(own + (0 if method == "static_erk" else 4))
+    # and in seconds: the run's own wall time, + the dense reference's recorded training time
+    pre = 0 if method == "static_erk" else on_disk["dense"]["train_wall_s"]
+    assert train["cost_wall_s"] == pytest.approx(train["wall_s"] + pre)
 
 
 def test_same_seed_gives_identical_results(tmp_path, dense_dir):

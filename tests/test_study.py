@@ -47,6 +47,8 @@ def test_every_shipped_study_loads_and_composes():
     ("variants: {A: [method=magnitude]}\nbudgets: [0.5]\nseeds: [0, 0]", "seeds=[0, 0]"),
     ("variants: {A: [method=magnitude]}\nbudget: [0.5]", "unknown keys ['budget']"),
     ("variants: {A: {overrides: [method=magnitude]}}\nbudgets: [0.5]", "variant 'A': give a list of overrides"),
+    ("variants: {A: [method=magnitude]}\nbudgets: [0.5]\ncolumns: {cost: train.cost_dense_epochs}\n"
+     "claims: [{a: A, b: A, column: costs}]", "claim column 'costs' is not one of the study's columns: cost"),
 ])
 def test_bad_study_configs_are_one_line(tmp_path, body, expected):
     with pytest.raises(PruneLabError, match=None) as err:
@@ -148,6 +150,37 @@ def test_verdicts_pair_by_seed_and_recompute_from_table_csv(tmp_path):
     text = (tmp_path / "table.md").read_text()
     assert "**better**" in text and "**needs 1 more seed**" in text
     assert (tmp_path / "plot.png").stat().st_size > 1000 and (tmp_path / "forest.png").stat().st_size > 1000
+
+
+def test_a_claim_on_a_cost_column_is_judged_in_its_units_lower_being_better(tmp_path):
+    cost = "training cost (dense epochs)"
+    study = Study(name="t", description="d", base=[], variants={"A": [], "B": []}, budgets=[0.5],
+                  seeds=[0, 1, 2, 3], columns={cost: "train.cost_dense_epochs"},
+                  claims=[Claim("A", "B", ">", None, column=cost, lower=True), Claim("B", "A", ">", None, column=cost,
+                                                                                   lower=True),
+                          Claim("A", "B", ">", None)])
+    # A costs 6.0-6.3 dense epochs, B 16 (its 8 of pre-training included); B is more accurate by 1 point
+    rows = []
+    for s in range(4):
+        rows += [dict(variant="A", budget=0.5, seed=s, metric=0.80, dense_top1=0.9, flops_reduction=0.5,
+                      params_reduction=0.5, train_wall_s=1.0, **{cost: 6.0 + s / 10}),
+                 dict(variant="B", budget=0.5, seed=s, metric=0.81 + s / 1000, dense_top1=0.9, flops_reduction=0.5,
+                      params_reduction=0.5, train_wall_s=1.0, **{cost: 16.0 if s < 3 else float("nan")})]
+    judged = write_report(study, rows, tmp_path)
+    cheaper, dearer, accuracy = judged
+    assert cheaper["claim"] == f"A better than B in {cost} (lower is better) at budget 0.5"
+    assert cheaper["diffs"] == pytest.approx([10.0, 9.9, 9.8])  # B − A in dense epochs, not points
+    assert cheaper["verdict"] == "better" and cheaper["units"] == cost
+    assert cheaper["excluded"] == {"3": f"{cost} not recorded"}  # a seed without the cost is left out
+    assert (cheaper["a_mean"], cheaper["b_mean"]) == pytest.approx((6.1, 16.0))  # in the column's units
+    assert dearer["verdict"] == "worse" and dearer["diffs"] == pytest.approx([-10.0, -9.9, -9.8])
+    assert accuracy["verdict"] == "worse" and accuracy["seeds"] == [0, 1, 2, 3]  # the metric's claim: all seeds
+    from prune_lab.results_summary import primary_rows
+
+    data = json.loads((tmp_path / "verdicts.json").read_text())
+    data["claims"][0]["primary"] = True  # as a primary row of the generated results, it says its unit
+    (row,) = primary_rows([("t", data)], "studies/")[2:]
+    assert "| 6.10 ± 0.10 dense epochs | 16.00 ± 0.00 dense epochs | +9.90 [" in row
 
 
 def test_a_study_continues_from_its_committed_table_and_reruns_edited_variants(tmp_path):
