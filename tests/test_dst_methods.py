@@ -137,6 +137,7 @@ BAD = [
     (["method=rigl", "method.every=0"], ["every=0"]),
     (["method=iee_channels", "method.distribution=erk"], ["erk", "uniform", "global"]),
     (["method=iee", *phases(150)], ["450 steps", "34 steps", "method.estimate_steps"]),  # the paper's H=J=Q=150
+    (["method=iee_channels", "budget=0.5", "method.phase_steps=150"], ["450 steps", "34 steps", "method.phase_steps=150"]),
     (["method=iee"], ["method.cycles=10", "34 steps"]),  # 10 cycles of >= 3 steps need 30 steps before 75 %
     (["method=iee", "method.estimate_steps=0.1"], ["estimate_steps", "improve_steps", "none"]),
     (["method=iee", "method.pattern=2:4"], ["pattern=2:4", "budget=0.9", "0.5"]),

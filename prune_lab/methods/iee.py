@@ -120,6 +120,7 @@ class IEE(RegrowthPolicy):
             if any(v is not None for v in (estimate_steps, improve_steps, explore_steps)):
                 raise PruneLabError("IEE: give method.phase_steps (H = J = Q) or the three phase lengths, not both")
             estimate_steps = improve_steps = explore_steps = phase_steps
+        self.phase_steps = phase_steps  # named in the error when its cycle does not fit
         if ranking not in self.RANKINGS:
             raise PruneLabError(f"IEE ranking={ranking!r} is not one of: {', '.join(self.RANKINGS)}")
         if ranking == "global" and (target != "params" or pattern is not None):
@@ -201,10 +202,11 @@ class IEE(RegrowthPolicy):
             self._split(*steps)
             self.n = span // self.cycle
             if self.n == 0:
+                knob = (f"method.phase_steps={self.phase_steps}" if self.phase_steps is not None
+                        else "method.estimate_steps/improve_steps/explore_steps")
                 raise PruneLabError(f"IEE: one cycle (estimate + improve + explore = {self.cycle} steps) does not fit "
                                     f"before stop={self.stop} of the run's {total_steps} steps; lower "
-                                    "method.estimate_steps/improve_steps/explore_steps, or set them to null and "
-                                    "give method.cycles")
+                                    f"{knob}, or set it to null and give method.cycles")
         self.resolved_for = total_steps
 
     def check_schedule(self, total_steps: int, steps_per_epoch: int | None = None) -> None:
