@@ -24,6 +24,7 @@ the full network's statistics clean at no cost), and starting from the dense ref
 """
 from __future__ import annotations
 
+import collections
 import copy
 import json
 import logging
@@ -105,9 +106,12 @@ class StimulativeTraining(L.Callback):
         self.start_magnitudes: dict[str, torch.Tensor] = {}
         # sampled subnets: all, in the budget's band, steps that had none in the band
         self.counts = {"sampled": 0, "in_band": 0, "steps": 0, "steps_without_band": 0}
-        # training cost of the subnet passes: their MACs as a fraction of the full network's, summed
-        # over every sampled subnet (results.json train.flops_ratio); `train_steps` set at fit end
-        self.subnet_macs, self.train_steps, self._macs_fraction = 0.0, 0, {}
+        # training cost of the subnet passes (results.json train.flops_ratio): the sampled subnets are
+        # counted during training and their MACs computed when reported (`subnet_macs`), since
+        # counting them reads plan tensors back, which a training step must not do (test_sync_audit);
+        # `train_steps` set at fit end; `_macs_offset`: a count resumed from a checkpoint of before
+        self.sampled_archs: collections.Counter = collections.Counter()
+        self.train_steps, self._macs_fraction, self._macs_offset = 0, {}, 0.0
         self.summary: dict = {}
         self.pool: ArchPool | None = None
         self._heldout: torch.Tensor | None = None
@@ -198,10 +202,7 @@ class StimulativeTraining(L.Callback):
         rng = random.Random(f"{self.seed}-{trainer.global_step}")  # identical on every DDP rank
         archs = self.sampler.sample(self._progress(trainer), rng, self.elites)
         in_band = sum(self.sampler.in_band(a) for a in archs)
-        for arch in archs:
-            if arch not in self._macs_fraction:
-                self._macs_fraction[arch] = self.space.macs(arch) / self.space.dense_macs
-            self.subnet_macs += self._macs_fraction[arch]
+        self.sampled_archs.update(archs)
         self.counts["sampled"] += len(archs)
         self.counts["in_band"] += in_band
         self.counts["steps"] += 1
@@ -218,6 +219,14 @@ class StimulativeTraining(L.Callback):
         pl_module.log("train/subnet_kl", loss, on_step=False, on_epoch=True, sync_dist=True)
         pl_module.log("train/budget_band_share", in_band / len(archs), on_step=False, on_epoch=True, sync_dist=True)
         return self.kd_weight * loss
+
+    @property
+    def subnet_macs(self) -> float:
+        """The subnet passes' MACs so far, each as a fraction of the full network's, summed."""
+        for arch in self.sampled_archs:
+            if arch not in self._macs_fraction:
+                self._macs_fraction[arch] = self.space.macs(arch) / self.space.dense_macs
+        return self._macs_offset + sum(n * self._macs_fraction[a] for a, n in self.sampled_archs.items())
 
     def band_share(self) -> float | None:
         return self.counts["in_band"] / self.counts["sampled"] if self.counts["sampled"] else None
@@ -422,7 +431,9 @@ class StimulativeTraining(L.Callback):
     def state_dict(self):
         return {"ordered": self.ordered, "channel_scores": self.channel_scores,
                 "elites": [a.as_dict() for a in self.elites], "start_magnitudes": self.start_magnitudes,
-                "counts": dict(self.counts), "subnet_macs": self.subnet_macs}
+                "counts": dict(self.counts),
+                "sampled_archs": [[a.as_dict(), n] for a, n in self.sampled_archs.items()],
+                "subnet_macs_offset": self._macs_offset}
 
     def load_state_dict(self, state):
         self.ordered = bool(state["ordered"])
@@ -430,4 +441,7 @@ class StimulativeTraining(L.Callback):
         self.elites = [Arch(tuple(a["depths"]), tuple(a["widths"])) for a in state["elites"]]
         self.start_magnitudes = dict(state.get("start_magnitudes", {}))
         self.counts.update(state.get("counts", {}))
-        self.subnet_macs = float(state.get("subnet_macs", 0.0))
+        self.sampled_archs = collections.Counter({Arch(tuple(a["depths"]), tuple(a["widths"])): int(n)
+                                                  for a, n in state.get("sampled_archs", [])})
+        # a checkpoint written before the archs were kept holds their MACs as one number
+        self._macs_offset = float(state.get("subnet_macs_offset", state.get("subnet_macs", 0.0)))
