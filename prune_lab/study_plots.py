@@ -1,6 +1,7 @@
 """Pictures of a study: the metric against the budget (`plot.png`, from the rows), the
 validation accuracy against the epoch (`curves.png`) and, for runs that explore (IEE), what each
-grow does (`exploration.png`): the last two from the job folders still on this machine."""
+grow does (`exploration.png`): the last two from the job folders on this machine and the per-run
+records an earlier report kept beside them (`curves.csv`, `exploration.csv`)."""
 from __future__ import annotations
 
 import csv
@@ -48,52 +49,85 @@ def read_curve(job_dir: Path, key: str = "val/top1") -> dict[int, float]:
         return {int(r["epoch"]): float(r[key]) for r in csv.DictReader(f) if r.get(key)}
 
 
-def mean_curves(study, jobs, key: str = "val/top1") -> dict[tuple[float, str], tuple[int, dict[int, float]]]:
-    """(budget, variant) -> (runs, {epoch: mean of `key` over them}), in the study's variant order,
-    from the finished jobs whose folders exist (rows carried from another machine have no curve)."""
-    found: dict = {}
+def _earlier_records(study, path: Path) -> list[dict]:
+    """Rows of a per-run csv written by an earlier report (`curves.csv`, `exploration.csv`) whose
+    variant still has the same overrides (its `config` hash). Job folders live in outputs/, which
+    does not outlive a machine; these committed files do, so a study continued over several
+    sessions draws every seed, like its table. A file written before it had a seed column: none."""
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return [r for r in csv.DictReader(f) if r.get("seed") and r.get("variant") in study.variants
+                and r.get("config") == study.config_hash(r["variant"])]
+
+
+def run_curves(study, jobs, path: Path, key: str = "val/top1") -> dict[tuple[float, str, int], dict[int, float]]:
+    """(budget, variant, seed) -> {epoch: `key`}: the finished jobs' logged curves and, for runs
+    whose folder is not on this machine, the ones an earlier report kept in `path` (a per-run csv)."""
+    runs: dict = {}
+    for r in _earlier_records(study, path):
+        if r.get(key):
+            runs.setdefault((float(r["budget"]), r["variant"], int(r["seed"])), {})[int(r["epoch"]) - 1] = float(r[key])
     for job in jobs:
         curve = read_curve(job.directory, key) if job.done else {}
         if curve:
-            found.setdefault((job.budget, job.variant), []).append(curve)
+            runs[(job.budget, job.variant, job.seed)] = curve
+    return runs
+
+
+def mean_curves(study, runs: dict) -> dict[tuple[float, str], tuple[int, dict[int, float]]]:
+    """(budget, variant) -> (runs, {epoch: mean over them, at the epochs every run has}), in the
+    study's variant order, from `run_curves`."""
+    found: dict = {}
+    for (budget, variant, _), curve in sorted(runs.items(), key=lambda kv: kv[0][2]):
+        found.setdefault((budget, variant), []).append(curve)
     out = {}
     for budget in sorted({b for b, _ in found}):
         for variant in study.variants:
-            runs = found.get((budget, variant))
-            if runs:
-                epochs = sorted(set.intersection(*(set(c) for c in runs)))
-                out[(budget, variant)] = (len(runs), {e: statistics.fmean(c[e] for c in runs) for e in epochs})
+            curves_ = found.get((budget, variant))
+            if curves_:
+                epochs = sorted(set.intersection(*(set(c) for c in curves_)))
+                out[(budget, variant)] = (len(curves_), {e: statistics.fmean(c[e] for c in curves_) for e in epochs})
     return out
 
 
+def _order(study, key: tuple) -> tuple:
+    budget, variant, seed = key
+    return budget, list(study.variants).index(variant), seed
+
+
 def curves(study, jobs, path: Path, key: str = "val/top1") -> int:
-    """Mean over seeds of `key` per epoch, one line per variant, one panel per budget: `path` (png)
-    and the same numbers in `path` with suffix .csv (budget, variant, runs, epoch counted from 1,
-    mean). Returns the number of runs drawn (0: nothing written)."""
+    """Mean over seeds of `key` per epoch, one line per variant, one panel per budget: `path` (png).
+    Every run's curve goes to `path` with suffix .csv (budget, variant, seed, config hash, epoch
+    counted from 1, value), which a later report reads back for the runs no longer on the machine.
+    Returns the number of runs drawn (0: nothing written)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    means = mean_curves(study, jobs, key)
-    if not means:
+    runs = run_curves(study, jobs, path.with_suffix(".csv"), key)
+    if not runs:
         return 0
     with open(path.with_suffix(".csv"), "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["budget", "variant", "runs", "epoch", key])
-        w.writerows([b, v, n, e + 1, round(m, 6)] for (b, v), (n, curve) in means.items() for e, m in curve.items())
+        w.writerow(["budget", "variant", "seed", "config", "epoch", key])
+        for k in sorted(runs, key=lambda k: _order(study, k)):
+            b, v, s = k
+            w.writerows([b, v, s, study.config_hash(v), e + 1, round(m, 6)] for e, m in sorted(runs[k].items()))
+    means = mean_curves(study, runs)
     budgets = sorted({b for b, _ in means})
     fig, axes = plt.subplots(1, len(budgets), figsize=(6.5 * len(budgets), 4.5), squeeze=False)
     for ax, budget in zip(axes[0], budgets):
         for i, variant in enumerate(study.variants):
             if (budget, variant) not in means:
                 continue
-            runs, curve = means[(budget, variant)]
+            n, curve = means[(budget, variant)]
             # colour by the variant's position in the study (the same in every panel); past the ten
             # colours of the cycle the line style changes, so no two variants look alike
             ax.plot([e + 1 for e in curve], [100 * m for m in curve.values()],
                     marker=".", color=f"C{i % 10}", linestyle=("-", "--", ":")[i // 10 % 3],
-                    label=f"{variant} ({runs})")
+                    label=f"{variant} ({n})")
         ax.set_title(f"budget {budget:g}: {key}, mean over (n) seeds")
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
@@ -101,7 +135,7 @@ def curves(study, jobs, path: Path, key: str = "val/top1") -> int:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return sum(n for n, _ in means.values())
+    return len(runs)
 
 
 def read_exploration(job_dir: Path) -> dict[str, list[tuple]]:
@@ -118,32 +152,56 @@ def read_exploration(job_dir: Path) -> dict[str, list[tuple]]:
     return out
 
 
+EXPLORATION_HEADER = ["budget", "variant", "seed", "config", "record", "cycle or step", "grown or loss increase",
+                      "never active"]
+
+
+def run_explorations(study, jobs, path: Path) -> dict[tuple[float, str, int], dict[str, list[tuple]]]:
+    """(budget, variant, seed) -> `read_exploration`'s record, from the finished jobs and, for runs
+    whose folder is not on this machine, from an earlier report's per-run csv at `path`."""
+    runs: dict = {}
+    for r in _earlier_records(study, path):
+        if r["record"] == "turnover":  # unit counts
+            point = (int(r["cycle or step"]), int(r["grown or loss increase"]), int(r["never active"]))
+        else:
+            point = (int(r["cycle or step"]), float(r["grown or loss increase"]))
+        runs.setdefault((float(r["budget"]), r["variant"], int(r["seed"])), {}).setdefault(r["record"], []).append(point)
+    for job in jobs:
+        record = read_exploration(job.directory) if job.done else {}
+        if record:
+            runs[(job.budget, job.variant, job.seed)] = record
+    return runs
+
+
 def exploration(study, jobs, path: Path) -> int:
     """For runs that record their grows (IEE): units grown per cycle and how many of them were never
     active before (left), and the training loss with the grown values minus the loss with the grown
     units at zero, per grow (right; above 0: the values the grow gives hurt). Mean over seeds per
-    (budget, variant), over the grows every seed has; the numbers in `path` with suffix .csv.
+    (budget, variant), over the grows every seed has. Every run's record goes to `path` with suffix
+    .csv, which a later report reads back for the runs no longer on the machine.
     Returns the number of runs drawn (0: nothing written)."""
-    found: dict = {}
-    for job in jobs:
-        record = read_exploration(job.directory) if job.done else {}
-        if record:
-            found.setdefault((job.budget, job.variant), []).append(record)
-    if not found:
+    runs = run_explorations(study, jobs, path.with_suffix(".csv"))
+    if not runs:
         return 0
+    with open(path.with_suffix(".csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(EXPLORATION_HEADER)
+        for k in sorted(runs, key=lambda k: _order(study, k)):
+            b, v, s = k
+            for what in ("turnover", "grow_loss"):
+                w.writerows([b, v, s, study.config_hash(v), what, x, *(round(a, 6) for a in vals), *[""] * (2 - len(vals))]
+                            for x, *vals in runs[k].get(what, []))
+    found: dict = {}
+    for k in sorted(runs, key=lambda k: _order(study, k)):
+        found.setdefault(k[:2], []).append(runs[k])
     means: dict = {}  # (budget, variant, record) -> (runs, [(x, mean of each value)])
     for (budget, variant), records in found.items():
         for what in ("turnover", "grow_loss"):
-            runs = [r[what] for r in records if what in r]
-            if runs:
-                means[(budget, variant, what)] = (len(runs), [
+            seeds = [r[what] for r in records if what in r]
+            if seeds:
+                means[(budget, variant, what)] = (len(seeds), [
                     (rows[0][0], *(statistics.fmean(v) for v in zip(*(row[1:] for row in rows))))
-                    for rows in zip(*runs)])  # zip: the grows every run has
-    with open(path.with_suffix(".csv"), "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["budget", "variant", "record", "runs", "cycle or step", "grown or loss increase", "never active"])
-        w.writerows([b, v, what, n, x, *(round(a, 6) for a in vals)] for (b, v, what), (n, pts) in means.items()
-                    for x, *vals in pts)
+                    for rows in zip(*seeds)])  # zip: the grows every run has
     import matplotlib
 
     matplotlib.use("Agg")
@@ -171,7 +229,7 @@ def exploration(study, jobs, path: Path) -> int:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return sum(len(records) for records in found.values())
+    return len(runs)
 
 
 def forest(name: str, judged: list[dict], path: Path) -> None:

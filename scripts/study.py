@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"{missing} of {len(jobs)} jobs have no results yet; run the same command to continue", file=sys.stderr)
     print(f"report: {report}/table.md, table.csv, verdicts.json, plot.png ({len(judged)} verdicts)"
-          + (f", curves.png + curves.csv ({drawn} runs with their job folder here)" if drawn else "")
+          + (f", curves.png + curves.csv ({drawn} runs)" if drawn else "")
           + (f", exploration.png + exploration.csv ({explored} runs)" if explored else ""))
     return 1 if failed else 0
 

@@ -3,8 +3,10 @@ runner end to end (resumable: a second run starts no job)."""
 from __future__ import annotations
 
 import csv
+from dataclasses import replace
 import json
 import math
+import shutil
 import statistics
 import subprocess
 import sys
@@ -281,7 +283,7 @@ def test_variants_option_selects_jobs_and_rejects_unknown_names(tmp_path, capsys
 
 
 def test_curves_average_the_logged_validation_accuracy_over_seeds(tmp_path):
-    from prune_lab.study_plots import curves, read_curve
+    from prune_lab.study_plots import curves, mean_curves, read_curve, run_curves
 
     study = Study(name="t", description="", base=[], variants={"A": [], "B": []}, budgets=[0.5], seeds=[0, 1])
     jobs = study.jobs(tmp_path)
@@ -294,16 +296,30 @@ def test_curves_average_the_logged_validation_accuracy_over_seeds(tmp_path):
             [f"{e},{e},,{0.5 + e / 10 + job.seed / 100}" for e in range(3)]
         (job.directory / "csv" / "metrics.csv").write_text("\n".join(lines))
     assert read_curve(jobs[0].directory) == {0: 0.5, 1: 0.6, 2: 0.7}  # seed 0, variant A
-    assert curves(study, jobs, tmp_path / "curves.png") == 3 and (tmp_path / "curves.png").stat().st_size > 0
-    # the drawn means, in curves.csv: variant A averages seeds 0 and 1, B has seed 0 only
-    with open(tmp_path / "curves.csv") as f:
-        table = {(r["variant"], int(r["epoch"])): (int(r["runs"]), float(r["val/top1"])) for r in csv.DictReader(f)}
-    assert table[("A", 3)] == (2, pytest.approx(0.705)) and table[("B", 1)] == (1, pytest.approx(0.5))
+    report = tmp_path / "report"
+    report.mkdir()
+    assert curves(study, jobs, report / "curves.png") == 3 and (report / "curves.png").stat().st_size > 0
+    # every run's curve in curves.csv, with its seed and config hash; the drawn means from them:
+    # variant A averages seeds 0 and 1, B has seed 0 only
+    with open(report / "curves.csv") as f:
+        table = {(r["variant"], int(r["seed"]), int(r["epoch"])): float(r["val/top1"]) for r in csv.DictReader(f)}
+    assert len(table) == 9 and table[("A", 1, 3)] == pytest.approx(0.71)
+    assert mean_curves(study, run_curves(study, jobs, report / "curves.csv")) == {
+        (0.5, "A"): (2, pytest.approx({0: 0.505, 1: 0.605, 2: 0.705})), (0.5, "B"): (1, pytest.approx({0: 0.5, 1: 0.6, 2: 0.7}))}
+    # on a new machine (no job folders) the report's own csv still draws the three runs ...
+    for job in jobs:
+        shutil.rmtree(job.directory, ignore_errors=True)
+    assert curves(study, study.jobs(tmp_path), report / "curves.png") == 3
+    with open(report / "curves.csv") as f:
+        assert {(r["variant"], int(r["seed"]), int(r["epoch"])): float(r["val/top1"]) for r in csv.DictReader(f)} == table
+    # ... but not a variant whose overrides changed since: those runs are another job
+    changed = replace(study, variants={"A": ["method=random"], "B": []})
+    assert curves(changed, changed.jobs(tmp_path), report / "curves.png") == 1
     assert curves(study, [], tmp_path / "none.png") == 0 and not (tmp_path / "none.png").exists()
 
 
 def test_exploration_averages_each_grow_over_seeds_and_skips_runs_without_a_record(tmp_path):
-    from prune_lab.study_plots import exploration
+    from prune_lab.study_plots import exploration, run_explorations
 
     study = Study(name="t", description="", base=[], variants={"IEE": [], "RigL": []}, budgets=[0.95], seeds=[0, 1])
     jobs = study.jobs(tmp_path)
@@ -320,14 +336,21 @@ def test_exploration_averages_each_grow_over_seeds_and_skips_runs_without_a_reco
     assert exploration(study, jobs, tmp_path / "exploration.png") == 2  # the two IEE runs; RigL records no grow
     assert (tmp_path / "exploration.png").stat().st_size > 0
     with open(tmp_path / "exploration.csv") as f:
-        rows = list(csv.reader(f))[1:]
-    turnover = [r for r in rows if r[2] == "turnover"]
-    loss = [r for r in rows if r[2] == "grow_loss"]
-    assert [(r[1], r[3], r[4], float(r[5]), float(r[6])) for r in turnover] == \
-        [("IEE", "2", "0", 10.5, 5.0), ("IEE", "2", "1", 20.5, 5.0)]
-    assert [(r[4], float(r[5])) for r in loss] == [("100", pytest.approx(0.05)), ("200", pytest.approx(0.05))]
+        rows = list(csv.reader(f))[1:]  # one row per run and grow: seed 0 grew twice, seed 1 three times
+    turnover = [(r[2], r[5], float(r[6]), float(r[7])) for r in rows if r[4] == "turnover"]
+    assert turnover == [("0", "0", 10, 4), ("0", "1", 20, 4), ("1", "0", 11, 6), ("1", "1", 21, 6), ("1", "2", 31, 6)]
+    loss = [(r[2], r[5], float(r[6])) for r in rows if r[4] == "grow_loss"]
+    assert loss[:2] == [("0", "100", 0.0), ("0", "200", 0.0)] and loss[2] == ("1", "100", pytest.approx(0.1))
+    means = run_explorations(study, [], tmp_path / "exploration.csv")  # read back: the values written
+    assert means[(0.95, "IEE", 1)]["turnover"][2] == (2, 31, 6)
     assert exploration(study, [j for j in jobs if j.variant == "RigL"], tmp_path / "none.png") == 0
     assert not (tmp_path / "none.png").exists()
+    # on a new machine the per-run records of exploration.csv draw the same means
+    for job in jobs:
+        shutil.rmtree(job.directory)
+    assert exploration(study, study.jobs(tmp_path), tmp_path / "exploration.png") == 2
+    with open(tmp_path / "exploration.csv") as f:
+        assert list(csv.reader(f))[1:] == rows
 
 
 @pytest.mark.slow
