@@ -84,6 +84,17 @@ def test_dst_method_writes_a_complete_run_at_the_budget(method, tmp_path, dense_
         updates = on_disk["train"]["active_updates"]
         assert 0 < updates < steps  # regrown weights missed the steps before their growth; IEE's Θ_K the explorations
     _, regrow = regrowth_state(out / "checkpoints/last.ckpt")
+    # turnover: weights grown over the run per weight active at the end (the active weights are the
+    # nonzero ones of the conv and linear layers, the dense stem included; a zero among them is improbable)
+    active = sum(int(state[n].count_nonzero()) for n in layer)
+    if method in ("set", "rigl"):
+        assert regrow["policy"]["grown"] > 0
+        assert on_disk["train"]["grown_per_active"] == pytest.approx(regrow["policy"]["grown"] / active, rel=1e-3)
+    elif method == "iee":
+        grown = on_disk["train"]["turnover"]["grown"]
+        assert grown > 0 and on_disk["train"]["grown_per_active"] == pytest.approx(grown / active, rel=1e-3)
+    else:  # static ERK grows nothing; IEE on channels counts channels, not weights
+        assert "grown_per_active" not in on_disk["train"]
     if method == "static_erk":
         assert regrow is None
     elif method in ("set", "rigl"):

@@ -195,7 +195,7 @@ def test_rigl_and_set_keep_exact_per_layer_counts_and_grow_from_zero(grow):
             moved += int(new.sum())
             assert bool((probe.before_step[u][n][new] == 0).all())  # grown weights start at zero
             assert bool((probe.momentum[u][n][new] == 0).all())     # with no momentum
-    assert moved > 0
+    assert moved > 0 and policy.grown_entries() == moved  # results.json's grown_per_active counts these
 
 
 def test_set_growth_depends_on_the_seed():

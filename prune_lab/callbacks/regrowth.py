@@ -14,7 +14,9 @@ It also records what the training cost (`report()`, merged into results.json's `
 steps as RigL's paper counts them (`prune_lab.sparsity.cost`; the policy says which steps need
 dense weight gradients or train only part of the network), and `active_updates`, the mean number
 of optimizer updates that the weights active at the end received (a weight regrown late has
-had fewer; frozen weights receive none).
+had fewer; frozen weights receive none), and `grown_per_active`, the weight entries the policy
+moved into the active set over the run per weight active at the end (how many times the active
+set was renewed; RigL, SET and IEE on weights).
 """
 from __future__ import annotations
 
@@ -114,8 +116,10 @@ class Regrowth(L.Callback):
         masks = self.policy.masks
         received = sum(int((c * masks[n].to(c.device)).sum()) for n, c in self.updates.items())
         active = sum(int(masks[n].sum()) for n in self.updates)
+        grown = self.policy.grown_entries()
+        turnover = {} if grown is None else {"grown_per_active": grown / max(active, 1)}
         return {"train": {"flops_ratio": self.cost.ratio, "active_updates": received / max(active, 1),
-                          **self.policy.report()}}
+                          **turnover, **self.policy.report()}}
 
     def on_train_end(self, trainer, pl_module):
         if self.rank_checks:

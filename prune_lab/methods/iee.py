@@ -469,6 +469,10 @@ class IEE(RegrowthPolicy):
     def report(self) -> dict:
         return self.record.report()
 
+    def grown_entries(self):
+        # the record counts units: weight entries only when the units are weights
+        return sum(row[1] for row in self.record.rows) if self.target == "params" else None
+
     def _set_masks(self, new: dict[str, torch.Tensor], reset: dict[str, torch.Tensor], optimizers) -> None:
         for name, m in new.items():
             self.masks.set(name, m)

@@ -124,6 +124,11 @@ class RegrowthPolicy:
         """Entries this step's optimizer update trained; None: the MaskSet's masks after the step."""
         return None
 
+    def grown_entries(self) -> int | None:
+        """Weight entries moved into the active set so far (None: not counted, or the units are not
+        weights): the callback reports them per weight active at the end, comparable across methods."""
+        return None
+
     def report(self) -> dict:
         """What the policy records about its decisions, merged into results.json's `train`."""
         return {}
@@ -153,6 +158,7 @@ class DropGrow(RegrowthPolicy):
         self.grow, self.schedule, self.seed = grow, schedule or CosineDecay(), int(seed)
         self.last_update_step = -1
         self.updates = 0
+        self.grown: int | None = 0  # None: resumed from a checkpoint written before it was counted
 
     def check_schedule(self, total_steps: int, steps_per_epoch: int | None = None) -> None:
         """SET/RigL: at least one drop-and-grow update before `stop` in a run of `total_steps`."""
@@ -180,6 +186,8 @@ class DropGrow(RegrowthPolicy):
             n = round(fraction * int(keep.sum()))
             new, removed, added = drop_and_grow(keep, p.detach().abs(), grow_scores, n)
             p.masked_fill_(added, 0.0)  # regrown weights start at zero (RigL, SET)
+            if self.grown is not None:
+                self.grown += int(added.sum())
             self.masks.set(name, new)
             moved[name] = removed | added
         self.masks.apply()
@@ -193,8 +201,12 @@ class DropGrow(RegrowthPolicy):
             return {n: 1.0 for n in forward}  # RigL: the dense gradient, once every ΔT steps
         return None
 
+    def grown_entries(self):
+        return self.grown
+
     def state_dict(self):
-        return {"last_update_step": self.last_update_step, "updates": self.updates}
+        return {"last_update_step": self.last_update_step, "updates": self.updates, "grown": self.grown}
 
     def load_state_dict(self, state):
         self.last_update_step, self.updates = int(state["last_update_step"]), int(state["updates"])
+        self.grown = state.get("grown")
