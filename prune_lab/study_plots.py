@@ -232,9 +232,10 @@ def exploration(study, jobs, path: Path) -> int:
     return len(runs)
 
 
-def forest(name: str, judged: list[dict], path: Path) -> None:
+def forest(name: str, judged: list[dict], path: Path) -> bool:
     """Every claim's seed-paired difference with its 95 % interval, lines at 0 and at −margin:
-    the differences that decide the verdicts, on their own scale (plot.png's axis spans every variant)."""
+    the differences that decide the verdicts, on their own scale (plot.png's axis spans every variant).
+    False (and no file, an earlier one removed) when no claim on the metric has a difference yet."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -245,7 +246,8 @@ def forest(name: str, judged: list[dict], path: Path) -> None:
     # one axis, one unit: a claim on another quantity (a training cost) is in the table only
     shown = [v for v in judged if v["mean"] == v["mean"] and not v.get("column")]
     if not shown:
-        return
+        path.unlink(missing_ok=True)
+        return False
     fig, ax = plt.subplots(figsize=(12, 1.0 + 0.36 * len(shown)))
     for i, v in enumerate(reversed(shown)):
         lo, hi = v["ci95"]
@@ -267,6 +269,7 @@ def forest(name: str, judged: list[dict], path: Path) -> None:
     fig.subplots_adjust(right=0.8)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return True
 
 
 def _short(text: str, width: int = 75) -> str:

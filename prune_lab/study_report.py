@@ -102,9 +102,16 @@ def write_report(study: Study, rows: list[dict], report: Path) -> list[dict]:
                       "adjusted. Verdicts: better (low end > 0), worse (high end < 0), not worse (low end > −margin), "
                       "equivalent (two one-sided tests at the margin, `==` claims only), within noise. "
                       "forest.png draws every claim on the metric.", ""]
-    if judged:  # a selection study (no claims) draws no forest plot
+    # pictures first, so that the table links only the ones drawn: a selection study (no claims),
+    # or one whose claims have no paired seeds yet, has no forest plot
+    from prune_lab.study_plots import forest, plot
+
+    if rows:
+        plot(study, rows, report / "plot.png", pts)
+    if judged and forest(study.name, judged, report / "forest.png"):
         lines += ["![every claim's paired difference with its 95 % interval](forest.png)", ""]
-    lines += ["![the metric against the budget, mean ± std over seeds](plot.png)", ""]
+    if rows:
+        lines += ["![the metric against the budget, mean ± std over seeds](plot.png)", ""]
     if (report / "curves.png").is_file():
         lines += ["![validation top-1 per epoch](curves.png)", ""]
     if (report / "exploration.png").is_file():
@@ -115,12 +122,6 @@ def write_report(study: Study, rows: list[dict], report: Path) -> list[dict]:
             "base": study.base, "metric": study.metric, "benchmark": _benchmark(study.base),
             "cpu": sorted({str(k) for k in kinds.values()}), "seeds": sorted(dense), "claims": judged}
     (report / "verdicts.json").write_text(json.dumps(meta, indent=2))
-    if rows:
-        from prune_lab.study_plots import forest, plot
-
-        plot(study, rows, report / "plot.png", pts)
-        if judged:
-            forest(study.name, judged, report / "forest.png")
     return judged
 
 

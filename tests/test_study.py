@@ -152,6 +152,13 @@ def test_verdicts_pair_by_seed_and_recompute_from_table_csv(tmp_path):
     text = (tmp_path / "table.md").read_text()
     assert "**better**" in text and "**needs 1 more seed**" in text
     assert (tmp_path / "plot.png").stat().st_size > 1000 and (tmp_path / "forest.png").stat().st_size > 1000
+    assert "](forest.png)" in text
+    # a study continued later: no seed has both variants yet, so no difference to draw; the stale
+    # forest.png goes and table.md links no missing picture
+    write_report(study, [r for r in rows if r["variant"] == "A"], tmp_path)
+    assert not (tmp_path / "forest.png").exists() and "forest.png)" not in (tmp_path / "table.md").read_text()
+    write_report(study, [], tmp_path / "empty")
+    assert "](" not in (tmp_path / "empty" / "table.md").read_text()  # nothing drawn, nothing linked
 
 
 def test_a_claim_on_a_cost_column_is_judged_in_its_units_lower_being_better(tmp_path):
