@@ -31,7 +31,7 @@ from prune_lab.loggers import prepare_wandb, publish
 from prune_lab.models.weights import load_plain
 from prune_lab.module import PruneLabModule
 from prune_lab.sparsity import latency_ms
-from prune_lab.sparsity.latency import cpu_isa, cpu_name
+from prune_lab.cpu import cpu_isa, cpu_kind, cpu_name
 
 log = logging.getLogger("prune_lab")
 
@@ -394,7 +394,8 @@ def run(cfg: DictConfig) -> dict:
                   "mask_digest_per_rank": digests},
         "export": {"max_abs_diff_masked_vs_deployed": export_diff},
         "env": {"git_sha": report.git_sha(Path(cfg.paths.root_dir)), "torch": torch.__version__,
-                "lightning": L.__version__, "cpu": cpu_name(), "cpu_isa": cpu_isa(), "threads": torch.get_num_threads(),
+                "lightning": L.__version__, "cpu": cpu_name(), "cpu_isa": cpu_isa(), "cpu_kind": cpu_kind(),
+                "threads": torch.get_num_threads(),
                 "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"},
     }
     # records of the method's post-training steps (their pruning cost), the run's callbacks (training

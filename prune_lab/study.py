@@ -19,13 +19,14 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from prune_lab.cpu import kind_of
 from prune_lab.errors import PruneLabError
 from prune_lab.verdicts import DEFAULT_MARGIN, OPS
 
 ROOT = Path(__file__).resolve().parent.parent
 STUDY_DIR = ROOT / "conf" / "study"
 MAX_PRIMARY = 3
-TEXT_COLUMNS = ("variant", "config", "cpu_isa")  # the table.csv columns that are not numbers
+TEXT_COLUMNS = ("variant", "config", "cpu_kind", "cpu_isa")  # the table.csv columns that are not numbers
 
 
 def slug(name: str) -> str:
@@ -258,7 +259,9 @@ def _table_rows(study: Study, path: Path) -> dict[tuple[str, float, int], dict]:
                 continue
             parsed = {k: (v if k in TEXT_COLUMNS else int(v) if k == "seed" else float(v or "nan"))
                       for k, v in row.items() if k is not None}
-            parsed.setdefault("cpu_isa", "")  # a table written before the column: the kind is not known
+            # a table written before `cpu_kind`: its `cpu_isa` without the vendor (never equal to a new
+            # row's kind, so not paired with one), or "" (written before that too: not known)
+            parsed.setdefault("cpu_kind", parsed.pop("cpu_isa", ""))
             for label in study.columns:  # a column added to the study since: unknown for the old rows
                 parsed.setdefault(label, float("nan"))
             carried[(variant, parsed["budget"], parsed["seed"])] = parsed
@@ -283,7 +286,7 @@ def collect(study: Study, out: Path, carried: dict | None = None) -> list[dict]:
                "flops_reduction": lookup(r, "pruned.flops_reduction"),
                "params_reduction": lookup(r, "pruned.params_reduction"),
                "train_wall_s": lookup(r, "train.total_wall_s"), "val_top1": lookup(r, "pruned.val_top1"),
-               "cpu_isa": str(r.get("env", {}).get("cpu_isa", ""))}
+               "cpu_kind": kind_of(r.get("env", {}))}
         row.update({label: lookup(r, key) for label, key in study.columns.items()})
         rows.append(row)
     # rows of budgets or seeds outside this selection (`--budgets 0.5` on a study whose report holds
@@ -336,8 +339,8 @@ def verdicts(study: Study, rows: list[dict]) -> list[dict]:
                 da, db = ra["dense_top1"], rb["dense_top1"]
                 if da == da and db == db and da != db:  # both known (NaN: not recorded) and different
                     excluded[str(s)] = "different dense references"
-                elif ra.get("cpu_isa") and rb.get("cpu_isa") and ra["cpu_isa"] != rb["cpu_isa"]:
-                    excluded[str(s)] = f"different CPU kinds ({ra['cpu_isa']}, {rb['cpu_isa']})"
+                elif ra.get("cpu_kind") and rb.get("cpu_kind") and ra["cpu_kind"] != rb["cpu_kind"]:
+                    excluded[str(s)] = f"different CPU kinds ({ra['cpu_kind']}, {rb['cpu_kind']})"
                 elif not all(r.get(key, float("nan")) == r.get(key, float("nan")) for r in (ra, rb)):
                     excluded[str(s)] = f"{claim.column} not recorded"
                 else:
@@ -346,7 +349,7 @@ def verdicts(study: Study, rows: list[dict]) -> list[dict]:
             diffs = [sign * unit * (row[(claim.a, budget, s)][key] - row[(claim.b, budget, s)][key]) for s in seeds]
             run = budget in study.budgets and study.runs_at(claim.a, budget) and study.runs_at(claim.b, budget)
             v = judge(diffs, claim.op, claim.margin, claim.primary) if run else _not_run(claim)
-            kinds = sorted({str(row[(side, budget, s)].get("cpu_isa") or "unknown")
+            kinds = sorted({str(row[(side, budget, s)].get("cpu_kind") or "unknown")
                             for s in seeds for side in (claim.a, claim.b)})
             out.append({"claim": claim.text(budget), "a": claim.a, "b": claim.b, "op": claim.op, "budget": budget,
                         "margin": claim.margin, "margin_why": claim.why,

@@ -61,7 +61,7 @@ def write_report(study: Study, rows: list[dict], report: Path) -> list[dict]:
     pts = scale(study.metric)
     for v in judged:
         v.update(_sides(v, rows, pts))
-    fields = ["variant", "budget", "seed", "config", "cpu_isa", "metric", "val_top1", "dense_top1", "flops_reduction",
+    fields = ["variant", "budget", "seed", "config", "cpu_kind", "metric", "val_top1", "dense_top1", "flops_reduction",
               "params_reduction", "train_wall_s", *study.columns]
     with open(report / "table.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore", restval="")
@@ -81,10 +81,16 @@ def write_report(study: Study, rows: list[dict], report: Path) -> list[dict]:
             cells += [_mean_std([r.get(c, float("nan")) for r in sel], 1.0) for c in study.columns]
             lines.append("| " + " | ".join([*cells, str(len(sel))]) + " |")
     dense = {r["seed"]: r["dense_top1"] for r in rows}
-    kinds = {r["seed"]: r.get("cpu_isa") or "unknown" for r in rows}
+    kinds: dict[int, set[str]] = {}
+    for r in rows:
+        kinds.setdefault(r["seed"], set()).add(r.get("cpu_kind") or "unknown")
+    per_seed = ", ".join(f"{s}: {' + '.join(sorted(k))}" for s, k in sorted(kinds.items()))
     lines += ["", f"Dense reference top-1: {_mean_std(list(dense.values()), 100)} % over seeds {sorted(dense)}. "
-                  f"Mean ± std over seeds. CPU kind per seed: "
-                  f"{', '.join(f'{s}: {k}' for s, k in sorted(kinds.items()))}.", ""]
+                  f"Mean ± std over seeds. CPU kind per seed: {per_seed}.", ""]
+    for seed, k in sorted(kinds.items()):
+        if len(k) > 1:
+            lines += [f"Warning: the rows of seed {seed} come from different CPU kinds ({', '.join(sorted(k))}): claims "
+                      "whose two variants differ in it leave the seed out (`excluded`).", ""]
     for budget in study.budgets:
         for seed in study.seeds:
             refs = {r["dense_top1"] for r in rows if r["seed"] == seed and r["budget"] == budget
@@ -120,7 +126,7 @@ def write_report(study: Study, rows: list[dict], report: Path) -> list[dict]:
     (report / "table.md").write_text("\n".join(lines))
     meta = {"schema": SCHEMA, "study": study.name, "description": study.description, "paradigm": study.paradigm,
             "base": study.base, "metric": study.metric, "benchmark": _benchmark(study.base),
-            "cpu": sorted({str(k) for k in kinds.values()}), "seeds": sorted(dense), "claims": judged}
+            "cpu": sorted(set().union(*kinds.values())), "seeds": sorted(dense), "claims": judged}
     (report / "verdicts.json").write_text(json.dumps(meta, indent=2))
     return judged
 

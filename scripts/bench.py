@@ -32,7 +32,7 @@ from prune_lab.bench.semi_structured import semi_structured_speedup
 from prune_lab.bench.training import (channels_last_gain, compile_gain, peak_memory, stp_search_cost, train_overhead,
                                       unipts_search_cost, update_cost)
 from prune_lab.models import create_model
-from prune_lab.sparsity.latency import cpu_isa, cpu_name
+from prune_lab.cpu import cpu_isa, cpu_kind, cpu_name
 
 
 def main() -> int:
@@ -73,7 +73,8 @@ def main() -> int:
     quick = args.quick
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     t_start = time.time()
-    res: dict = {"env": {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_name(), "cpu_isa": cpu_isa(),
+    res: dict = {"env": {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_name(),
+                         "cpu_isa": cpu_isa(), "cpu_kind": cpu_kind(),
                          "device": device, "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
                          "amp": amp, "compile": args.compile, "quick": quick,
                          "date": time.strftime("%Y-%m-%d"), "host_load": os.getloadavg()[0]}}

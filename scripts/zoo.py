@@ -54,7 +54,7 @@ def environment() -> dict:
     import torch_pruning
     import torchvision
 
-    from prune_lab.sparsity.latency import cpu_name
+    from prune_lab.cpu import cpu_name
 
     return {"date": datetime.date.today().isoformat(), "torch": torch.__version__,
             "torchvision": torchvision.__version__, "timm": timm.__version__,

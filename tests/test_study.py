@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from prune_lab.cpu import cpu_kind
 from prune_lab.errors import PruneLabError
 from prune_lab.results_summary import CLAIMLESS_KINDS
 from prune_lab.study import STUDY_DIR, Claim, Study, carried_rows, collect, covering, load_study, verdicts
@@ -138,8 +139,8 @@ def test_verdicts_pair_by_seed_and_recompute_from_table_csv(tmp_path):
     assert judged[1]["verdict"] == "needs 1 more seed" and judged[1]["mean"] == pytest.approx(1.05)
     # recompute from table.csv alone
     table = list(csv.DictReader(open(tmp_path / "table.csv")))
-    assert list(table[0])[:7] == ["variant", "budget", "seed", "config", "cpu_isa", "metric", "val_top1"]
-    assert table[0]["cpu_isa"] == "" and table[0]["val_top1"] == ""  # rows without the keys: empty cells
+    assert list(table[0])[:7] == ["variant", "budget", "seed", "config", "cpu_kind", "metric", "val_top1"]
+    assert table[0]["cpu_kind"] == "" and table[0]["val_top1"] == ""  # rows without the keys: empty cells
     for v in judged:
         value = {(r["variant"], r["seed"]): float(r["metric"]) for r in table if float(r["budget"]) == v["budget"]}
         diffs = [100 * (value[("A", str(s))] - value[("B", str(s))]) for s in (0, 1, 2)
@@ -387,7 +388,8 @@ claims:
     assert {(r["variant"], r["seed"]) for r in table} == {(v, s) for v in ("magnitude", "random") for s in ("0", "1")}
     for r in table:
         assert float(r["sparsity"]) == pytest.approx(0.8, abs=0.005)
-        # the variants of one seed share the dense reference
+        assert r["cpu_kind"] == cpu_kind()  # the host's kind, from each job's results.json env
+    # the variants of one seed share the dense reference
     dense = {(r["variant"], r["seed"]): r["dense_top1"] for r in table}
     assert dense[("magnitude", "0")] == dense[("random", "0")] and dense[("magnitude", "1")] == dense[("random", "1")]
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -463,6 +465,35 @@ def test_carry_from_reuses_another_studys_committed_rows_of_the_same_variant(tmp
     shared = {k for k in source if k[0] in ("UniPTS", "magnitude global + CE FT") and k[2] in study.seeds}
     assert {k[2] for k in shared} == {3, 4} and set(carried) == shared
     for key in shared:
-        assert carried[key]["metric"] == float(source[key]["metric"]) and carried[key]["cpu_isa"] == source[key]["cpu_isa"]
+        assert carried[key]["metric"] == float(source[key]["metric"]) and carried[key]["cpu_kind"] == source[key]["cpu_kind"]
     with pytest.raises(PruneLabError, match="carry_from names study 'nope'"):
         load_study(str(write_yaml(tmp_path / "c.yaml", "carry_from: [nope]\nvariants: {A: [method=magnitude]}\nbudgets: [0.5]\n")))
+
+
+def test_rows_of_one_seed_from_two_cpu_kinds_are_flagged_and_not_paired(tmp_path):
+    """A table written before `cpu_kind` (its `cpu_isa` names no vendor) is read back, but its rows
+    pair with neither kind of a new row: on an Intel AVX-512 host the dense references of seeds 1 and
+    3 differed from an AMD AVX-512 host's (docs/development/notebook.md)."""
+    study = Study(name="t", description="", base=[], variants={"A": [], "B": []}, budgets=[0.5],
+                  seeds=[0, 1], claims=[Claim("A", "B", ">", 0.5)])
+    (tmp_path / "old").mkdir()
+    with open(tmp_path / "old" / "table.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["variant", "budget", "seed", "config", "cpu_isa", "metric", "dense_top1",
+                                          "flops_reduction", "params_reduction", "train_wall_s"])
+        w.writeheader()
+        w.writerows([dict(variant=v, budget=0.5, seed=s, config=study.config_hash(v), cpu_isa="avx512", metric=0.8,
+                          dense_top1=0.9, flops_reduction=0.5, params_reduction=0.5, train_wall_s=1.0)
+                     for v in "AB" for s in (0, 1)])
+    carried = carried_rows(study, tmp_path / "old")
+    assert {r["cpu_kind"] for r in carried.values()} == {"avx512"} and all("cpu_isa" not in r for r in carried.values())
+    rows = [*carried.values()]
+    rows[0] = {**rows[0], "metric": 0.81}  # A, seed 0: still the old kind on both sides → paired
+    rows[1] = {**rows[1], "metric": 0.81, "cpu_kind": "avx512-intel"}  # A, seed 1: re-run on another host
+    judged = write_report(study, rows, tmp_path / "new")
+    assert judged[0]["seeds"] == [0] and judged[0]["excluded"] == {"1": "different CPU kinds (avx512-intel, avx512)"}
+    text = (tmp_path / "new" / "table.md").read_text()
+    assert "CPU kind per seed: 0: avx512, 1: avx512 + avx512-intel." in text
+    assert "Warning: the rows of seed 1 come from different CPU kinds (avx512, avx512-intel)" in text
+    assert "Warning: the rows of seed 0" not in text
+    table = list(csv.DictReader(open(tmp_path / "new" / "table.csv")))
+    assert "cpu_isa" not in table[0] and {r["cpu_kind"] for r in table} == {"avx512", "avx512-intel"}

@@ -236,11 +236,11 @@ def test_a_family_of_one_adjusts_nothing_for_an_equivalence_claim():
 
 
 # -- how a study feeds the verdicts ------------------------------------------------------------------
-def _row(variant, seed, metric, dense=0.9, cpu="avx2", budget=0.5):
+def _row(variant, seed, metric, dense=0.9, cpu="avx2-amd", budget=0.5):
     row = dict(variant=variant, budget=budget, seed=seed, metric=metric, dense_top1=dense, flops_reduction=budget,
                params_reduction=budget, train_wall_s=1.0)
     if cpu is not None:
-        row["cpu_isa"] = cpu
+        row["cpu_kind"] = cpu
     return row
 
 
@@ -249,15 +249,15 @@ def test_verdicts_exclude_seeds_across_dense_references_or_cpu_kinds():
                   seeds=[0, 1, 2, 3, 4], claims=[Claim("A", "B", ">", 0.5)])
     rows = [_row("A", 0, 0.81), _row("B", 0, 0.80),
             _row("A", 1, 0.81, dense=0.91), _row("B", 1, 0.80, dense=0.90),  # another dense reference
-            _row("A", 2, 0.81, cpu="avx512"), _row("B", 2, 0.80, cpu="avx2"),  # another CPU kind
+            _row("A", 2, 0.81, cpu="avx512-amd"), _row("B", 2, 0.80),  # another CPU kind
             _row("A", 3, 0.812), _row("B", 3, 0.80, cpu=None),  # kind not recorded for B: still paired
-            _row("A", 4, 0.813, cpu=""), _row("B", 4, 0.80, cpu="avx512")]  # empty: not known either
+            _row("A", 4, 0.813, cpu=""), _row("B", 4, 0.80, cpu="avx512-intel")]  # empty: not known either
     [v] = verdicts(study, rows)
     assert v["seeds"] == [0, 3, 4]
-    assert v["excluded"] == {"1": "different dense references", "2": "different CPU kinds (avx512, avx2)"}
+    assert v["excluded"] == {"1": "different dense references", "2": "different CPU kinds (avx512-amd, avx2-amd)"}
     assert v["diffs"] == pytest.approx([1.0, 1.2, 1.3])  # points
     assert v["n"] == 3 and v["verdict"] == "better" and v["units"] == "points"
-    assert v["cpu"] == ["avx2", "avx512", "unknown"]
+    assert v["cpu"] == ["avx2-amd", "avx512-intel", "unknown"]
     assert v["claim"] == "A better than B at budget 0.5" and v["margin"] == 0.25 and v["margin_why"] == ""
 
 

@@ -26,7 +26,7 @@ import torch
 from prune_lab import quiet
 from prune_lab.errors import PruneLabError
 from prune_lab.sparsity import calibration_batches, exact_counts, masks_from_counts, recalibrate_bn
-from prune_lab.sparsity.latency import cpu_isa  # the same ISA probe the latency tables are keyed by
+from prune_lab.cpu import cpu_kind  # a search's fitness numbers differ between CPU kinds
 from prune_lab.sparsity.stacked import StackingUnsupported, stack_network
 
 log = logging.getLogger("prune_lab")
@@ -299,7 +299,7 @@ class LayerSparsitySearch(L.Callback):
                 "noise_std": self.noise_std, "bn_momentum": self.bn_momentum, "seed": self.seed,
                 "stack": self.stack, "channels_last": self.channels_last, "eval_batch_size": self.eval_batch_size,
                 "torch": torch.__version__, "device": str(fitness.dense[next(iter(numel))].device.type),
-                "isa": cpu_isa(), "threads": torch.get_num_threads()}
+                "cpu_kind": cpu_kind(), "threads": torch.get_num_threads()}
 
     def _run_searcher(self, numel, fitness):
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn

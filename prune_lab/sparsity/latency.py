@@ -31,7 +31,6 @@ import hashlib
 import json
 import logging
 import math
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -40,35 +39,12 @@ import torch
 from torch import nn
 
 from prune_lab import quiet
+from prune_lab.cpu import cpu_isa, cpu_name
 from prune_lab.sparsity.measure import observe_forward
 from prune_lab.sparsity.structure import ROOT_TYPES, ChannelGroups, FlopsModel, _is_depthwise, solve_flops_target
 
 log = logging.getLogger(__name__)
 ALLOCATIONS = ("halp", "flops")
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def cpu_isa() -> str:
-    """The widest x86 vector extension the CPU has ("avx512", "avx2", "avx", ""), from /proc/cpuinfo:
-    hosts sold under one model name ("AMD EPYC" on a VM) differ in it, and so do their timings."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                return next((isa for isa, flag in (("avx512", "avx512f"), ("avx2", "avx2"), ("avx", "avx"))
-                             if flag in flags), "")
-    except OSError:
-        pass
-    return ""
 
 
 def _levels(size: int, prunable: bool, points: int, step: int = 1) -> list[int]:
