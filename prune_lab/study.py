@@ -298,6 +298,17 @@ def collect(study: Study, out: Path, carried: dict | None = None) -> list[dict]:
     return rows
 
 
+def foreign_seeds(rows: list[dict], kind: str) -> dict[int, list[str]]:
+    """Seeds whose rows all come from CPU kinds other than `kind` (this host's), with those kinds: a
+    job of such a seed run here would pair with none of them (a claim pairs a seed's variants only
+    within one kind). Rows of an unrecorded kind do not count."""
+    kinds: dict[int, set[str]] = {}
+    for r in rows:
+        if r.get("cpu_kind"):
+            kinds.setdefault(r["seed"], set()).add(r["cpu_kind"])
+    return {s: sorted(k) for s, k in kinds.items() if kind and kind not in k}
+
+
 def covering(study: Study, rows: list[dict]) -> Study:
     """The study with its budgets and seeds widened to every row's (see `collect`)."""
     return replace(study, budgets=sorted({*study.budgets, *(r["budget"] for r in rows)}),

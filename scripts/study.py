@@ -13,8 +13,10 @@ Jobs are ordinary train.py runs in outputs/studies/<name>/jobs/<variant>-<hash>/
 a job with a results.json is skipped, one with a checkpoint resumes, so an interrupted study is
 continued by running the same command. outputs/ does not outlive a machine: a job whose row is in
 the report's table.csv with the same overrides (its `config` hash) is skipped too, so a study
-longer than a session is continued from its committed table (--fresh ignores it). Writes table.md, table.csv (one row per job),
-verdicts.json and plot.png to the report folder (default outputs/studies/<name>/).
+longer than a session is continued from its committed table (--fresh ignores it). A seed whose
+rows all come from another CPU kind than this host's is left for such a host (--any-kind runs it).
+Writes table.md, table.csv (one row per job), verdicts.json and plot.png to the report folder
+(default outputs/studies/<name>/).
 """
 from __future__ import annotations
 
@@ -27,7 +29,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from prune_lab.errors import PruneLabError  # noqa: E402
-from prune_lab.study import carried_rows, check_overrides, collect, covering, load_study, run_jobs  # noqa: E402
+from prune_lab.cpu import cpu_kind  # noqa: E402
+from prune_lab.study import (carried_rows, check_overrides, collect, covering, foreign_seeds, load_study,  # noqa: E402
+                             run_jobs)
 from prune_lab.study_report import write_report  # noqa: E402
 from prune_lab.study_plots import curves, exploration  # noqa: E402
 
@@ -55,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
                     "from every docs/studies/*/verdicts.json; run nothing")
     ap.add_argument("--fresh", action="store_true", help="run every job without a results.json, ignoring the rows "
                     "of the report's table.csv and of the carry_from studies' tables")
+    ap.add_argument("--any-kind", action="store_true", help="also run the jobs of seeds whose rows all come from "
+                    "another CPU kind (skipped by default: they would pair with none of them)")
     args = ap.parse_args(argv)
     devices = None
     if args.devices:  # checked before anything runs: a typo must not start jobs on the wrong device
@@ -95,13 +101,23 @@ def main(argv: list[str] | None = None) -> int:
     carried = {} if args.fresh else carried_rows(study, report)
     is_carried = [not j.done and (j.variant, j.budget, j.seed) in carried for j in jobs]
     finished = sum(j.done for j in jobs) + sum(is_carried)
+    # a seed's rows must come from one CPU kind: a host of another kind leaves that seed's jobs alone
+    here = cpu_kind()
+    foreign = {} if args.any_kind or args.report_only else foreign_seeds(collect(study, out, carried), here)
+    is_foreign = [not j.done and not c and j.seed in foreign for j, c in zip(jobs, is_carried)]
     print(f"study {study.name}: {len(jobs)} jobs ({len(study.variants)} variants × {len(study.budgets)} budgets × "
           f"{len(study.seeds)} seeds{'; some variants at their own budgets only' if study.only else ''}), {finished} finished ({sum(is_carried)} carried from committed tables); "
           f"jobs in {out}")
+    for seed, kinds in sorted(foreign.items()):
+        n = sum(f for j, f in zip(jobs, is_foreign) if j.seed == seed)
+        if n:
+            print(f"seed {seed}: its rows come from {', '.join(kinds)} and this host is {here}: its {n} unfinished "
+                  "job(s) are left for such a host (--any-kind runs them here, e.g. to re-run the whole seed after "
+                  "deleting its rows from table.csv)", file=sys.stderr)
     if args.dry_run:
-        for j, c in zip(jobs, is_carried):
-            state = "done" if j.done else "carried" if c else "todo"
-            print(f"  {state:7s}  {j.directory.relative_to(out)}  {' '.join(j.overrides)}")
+        for j, c, f in zip(jobs, is_carried, is_foreign):
+            state = "done" if j.done else "carried" if c else "other kind" if f else "todo"
+            print(f"  {state:10s}  {j.directory.relative_to(out)}  {' '.join(j.overrides)}")
         return 0
     failed = []
     if not args.report_only and finished < len(jobs):
@@ -110,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), TextColumn("{task.fields[last]}")) as bar:
             task = bar.add_task(f"study {study.name}", total=len(jobs), completed=finished, last="")
-            failed = run_jobs([j for j, c in zip(jobs, is_carried) if not c], args.jobs, args.threads, sys.executable,
+            failed = run_jobs([j for j, c, f in zip(jobs, is_carried, is_foreign) if not (c or f)], args.jobs,
+                              args.threads, sys.executable,
                               progress=lambda j: bar.update(task, advance=1, last=f"{j.variant} b={j.budget:g} s={j.seed}"),
                               devices=devices)
     rows = collect(study, out, carried)

@@ -6,6 +6,7 @@ import csv
 from dataclasses import replace
 import json
 import math
+import re
 import shutil
 import statistics
 import subprocess
@@ -17,7 +18,8 @@ import pytest
 from prune_lab.cpu import cpu_kind
 from prune_lab.errors import PruneLabError
 from prune_lab.results_summary import CLAIMLESS_KINDS
-from prune_lab.study import STUDY_DIR, Claim, Study, carried_rows, collect, covering, load_study, verdicts
+from prune_lab.study import (STUDY_DIR, Claim, Study, carried_rows, collect, covering, foreign_seeds, load_study,
+                             verdicts)
 from prune_lab.study_report import write_report
 from prune_lab.verdicts import interval, judge
 
@@ -497,3 +499,34 @@ def test_rows_of_one_seed_from_two_cpu_kinds_are_flagged_and_not_paired(tmp_path
     assert "Warning: the rows of seed 0" not in text
     table = list(csv.DictReader(open(tmp_path / "new" / "table.csv")))
     assert "cpu_isa" not in table[0] and {r["cpu_kind"] for r in table} == {"avx512", "avx512-intel"}
+
+
+def test_foreign_seeds_are_those_with_rows_of_other_kinds_only():
+    rows = [dict(seed=0, cpu_kind="avx512-amd"), dict(seed=0, cpu_kind="avx512-intel"),  # both: this kind is there
+            dict(seed=1, cpu_kind="avx512-amd"), dict(seed=2, cpu_kind=""), dict(seed=3)]  # unrecorded: no kind
+    assert foreign_seeds(rows, "avx512-intel") == {1: ["avx512-amd"]}
+    assert foreign_seeds(rows, "") == {}  # a host whose kind is unknown judges nothing
+
+
+def test_the_runner_leaves_a_seed_of_another_cpu_kind_to_such_a_host(tmp_path):
+    """Seed 1's committed rows come from another CPU kind: its missing job would pair with none of
+    them, so the runner lists it as `other kind` and does not run it, unless --any-kind."""
+    if not cpu_kind():
+        pytest.skip("this host's CPU kind is not known")
+    path = write_yaml(tmp_path / "two.yaml", "base: [experiment=quickstart]\nvariants: {A: [method=magnitude], "
+                                             "B: [method=random]}\nbudgets: [0.8]\nseeds: [0, 1]\n")
+    study = load_study(str(path))
+    report = tmp_path / "report"
+    rows = [dict(variant="A", budget=0.8, seed=s, config=study.config_hash("A"), metric=0.5, dense_top1=0.9,
+                 flops_reduction=0.8, params_reduction=0.8, train_wall_s=1.0,
+                 cpu_kind=cpu_kind() if s == 0 else "avx2-elsewhere") for s in (0, 1)]
+    write_report(study, rows, report)
+    cmd = [sys.executable, str(ROOT / "scripts" / "study.py"), str(path), "--out", str(tmp_path / "jobs"),
+           "--report", str(report), "--dry-run"]
+    dry = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert dry.returncode == 0, dry.stderr
+    state = {f"{m[2]} s{m[3]}": m[1] for m in re.finditer(r"^  (\w+(?: kind)?) +jobs/(\w)[^/]*/b0.8_s(\d)", dry.stdout, re.M)}
+    assert state == {"a s0": "carried", "a s1": "carried", "b s0": "todo", "b s1": "other kind"}
+    assert f"seed 1: its rows come from avx2-elsewhere and this host is {cpu_kind()}" in dry.stderr
+    anyway = subprocess.run([*cmd, "--any-kind"], capture_output=True, text=True, timeout=120)
+    assert anyway.stdout.count("  todo ") == 2 and "other kind" not in anyway.stdout
