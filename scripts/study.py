@@ -120,12 +120,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {state:10s}  {j.directory.relative_to(out)}  {' '.join(j.overrides)}")
         return 0
     failed = []
-    if not args.report_only and finished < len(jobs):
+    left_alone = sum(is_foreign)  # not this host's to run: the bar counts only the jobs it can finish
+    if not args.report_only and finished + left_alone < len(jobs):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), TextColumn("{task.fields[last]}")) as bar:
-            task = bar.add_task(f"study {study.name}", total=len(jobs), completed=finished, last="")
+            task = bar.add_task(f"study {study.name}", total=len(jobs) - left_alone, completed=finished,
+                                last="")
             failed = run_jobs([j for j, c, f in zip(jobs, is_carried, is_foreign) if not (c or f)], args.jobs,
                               args.threads, sys.executable,
                               progress=lambda j: bar.update(task, advance=1, last=f"{j.variant} b={j.budget:g} s={j.seed}"),
