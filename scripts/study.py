@@ -30,8 +30,8 @@ sys.path.insert(0, str(ROOT))
 
 from prune_lab.errors import PruneLabError  # noqa: E402
 from prune_lab.cpu import cpu_kind  # noqa: E402
-from prune_lab.study import (carried_rows, check_overrides, collect, covering, foreign_seeds, load_study,  # noqa: E402
-                             run_jobs)
+from prune_lab.study import carried_rows, check_overrides, collect, covering, foreign_seeds, load_study  # noqa: E402
+from prune_lab.study_runner import run_jobs  # noqa: E402
 from prune_lab.study_report import write_report  # noqa: E402
 from prune_lab.study_plots import curves, exploration  # noqa: E402
 

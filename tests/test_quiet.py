@@ -199,7 +199,8 @@ def test_a_run_holds_the_lock_during_its_training_steps(tmp_path, dense_dir, mon
 
 
 def test_the_study_runner_gives_its_jobs_one_lock_for_the_machine(tmp_path, monkeypatch):
-    from prune_lab.study import Job, run_jobs
+    from prune_lab.study import Job
+    from prune_lab.study_runner import run_jobs
 
     monkeypatch.delenv(quiet.ENV, raising=False)
     fake = tmp_path / "fake_python.py"  # stands in for the interpreter: records what train.py would see

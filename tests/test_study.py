@@ -418,7 +418,7 @@ def test_extra_overrides_replace_the_base_key_and_rerun_on_other_seeds(tmp_path)
 def test_jobs_fill_each_device_and_stay_pinned_to_it(tmp_path, monkeypatch):
     """--devices: `workers` jobs per device at once, each job's CUDA_VISIBLE_DEVICES one device; checked
     with a stand-in for python that records its device and the jobs running beside it."""
-    from prune_lab.study import run_jobs
+    from prune_lab.study_runner import run_jobs
 
     fake = tmp_path / "fake_python"
     fake.write_text(f"""#!/bin/sh
@@ -530,3 +530,45 @@ def test_the_runner_leaves_a_seed_of_another_cpu_kind_to_such_a_host(tmp_path):
     assert f"seed 1: its rows come from avx2-elsewhere and this host is {cpu_kind()}" in dry.stderr
     anyway = subprocess.run([*cmd, "--any-kind"], capture_output=True, text=True, timeout=120)
     assert anyway.stdout.count("  todo ") == 2 and "other kind" not in anyway.stdout
+
+
+def test_a_seed_whose_dense_reference_is_cached_runs_its_jobs_at_once(tmp_path):
+    """A seed's first job trains its dense reference while the seed's other jobs wait for it; once the
+    reference is in the cache nothing waits. A stand-in for python records how many jobs overlap."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from prune_lab.pipeline import dense_key
+    from prune_lab.study import Job
+    from prune_lab.study_runner import dense_cached, run_jobs
+
+    fake = tmp_path / "fake_python"
+    fake.write_text(f"""#!/bin/sh
+d={tmp_path}/running; mkdir -p $d
+touch $d/$$
+sleep 1
+ls $d | wc -l > "$(echo "$@" | sed 's/.*hydra.run.dir=\\([^ ]*\\).*/\\1/')/overlap"
+rm $d/$$
+""")
+    fake.chmod(0o755)
+    base = ("experiment=quickstart", f"paths.root_dir={ROOT}", f"paths.dense_dir={tmp_path}/dense", "seed=0")
+
+    def jobs(tag):
+        return [Job("A", b, 0, (*base, "method=magnitude", f"budget={b}"), tmp_path / tag / f"b{b}") for b in (0.5, 0.7)]
+
+    def overlaps(tag):
+        todo = jobs(tag)
+        assert run_jobs(todo, 2, 1, str(fake)) == []
+        return [int((j.directory / "overlap").read_text()) for j in todo]
+
+    assert not dense_cached(jobs("cold")[0])
+    assert overlaps("cold") == [1, 1]  # the second job started after the first had ended
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[*base, "method=magnitude", "budget=0.5"])
+    GlobalHydra.instance().clear()
+    cached = tmp_path / "dense" / f"resnet_digits_{dense_key(cfg)}"
+    cached.mkdir(parents=True)
+    (cached / "dense.json").write_text("{}")
+    assert dense_cached(jobs("warm")[0])
+    assert max(overlaps("warm")) == 2  # both ran at once
