@@ -257,7 +257,11 @@ def test_cifar_stalled_server_times_out(tmp_path, monkeypatch):
 
 def test_probe_gives_up_on_hanging_name_lookup(monkeypatch):
     # Name resolution ignores socket timeouts; simulate a resolver that hangs.
-    monkeypatch.setattr(cifar_mod.socket, "create_connection", lambda *a, **k: time.sleep(5))
+    def hanging_lookup(*args, **kwargs):
+        time.sleep(5)
+        raise OSError("resolver gave up")  # what a real one ends with; the probe thread then exits quietly
+
+    monkeypatch.setattr(cifar_mod.socket, "create_connection", hanging_lookup)
     start = time.monotonic()
     reason = cifar_mod._unreachable("https://example.invalid/x.tar.gz", timeout=0.3)
     assert time.monotonic() - start < 2 and "no answer from example.invalid:443" in reason
