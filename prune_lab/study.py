@@ -193,11 +193,21 @@ def load_study(name_or_path: str, seeds: list[int] | None = None, budgets: list[
     return study
 
 
-def check_overrides(study: Study) -> None:
-    """Compose every variant's config once, so a typo stops the study before any job runs."""
+def compose_train(overrides: list[str]):
+    """conf/train.yaml composed with `overrides`, as train.py would see it (Hydra's global state reset)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            return compose(config_name="train", overrides=overrides)
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def check_overrides(study: Study) -> None:
+    """Compose every variant's config once, so a typo stops the study before any job runs."""
     from prune_lab.cli import unknown_option
 
     for variant, overrides in study.variants.items():
@@ -205,15 +215,10 @@ def check_overrides(study: Study) -> None:
             problem = unknown_option(o)
             if problem:
                 raise _fail(study.name, f"variant {variant!r}: {problem}")
-        GlobalHydra.instance().clear()
         try:
-            with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-                compose(config_name="train", overrides=[*study.base, *overrides,
-                                                        f"budget={study.budgets[0]}", f"seed={study.seeds[0]}"])
+            compose_train([*study.base, *overrides, f"budget={study.budgets[0]}", f"seed={study.seeds[0]}"])
         except Exception as e:  # Hydra's errors are multi-line; the first line names the problem
             raise _fail(study.name, f"variant {variant!r}: {str(e).splitlines()[0]}") from None
-        finally:
-            GlobalHydra.instance().clear()
 
 
 # -- statistics ---------------------------------------------------------------------------------

@@ -7,24 +7,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prune_lab.study import ROOT, Job
+from prune_lab.study import ROOT, Job, compose_train
+
 
 def dense_cached(job: Job) -> bool:
     """Whether the dense reference `job` compares with is already in the cache (`paths.dense_dir`)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
     from prune_lab.pipeline import dense_key
 
-    GlobalHydra.instance().clear()
     try:  # train.py runs in ROOT, so `${hydra:runtime.cwd}` is ROOT; the job's own paths override it
-        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-            cfg = compose(config_name="train", overrides=[f"paths.root_dir={ROOT}", *job.overrides])
+        cfg = compose_train([f"paths.root_dir={ROOT}", *job.overrides])
         return any(Path(cfg.paths.dense_dir).glob(f"*_{dense_key(cfg)}/dense.json"))
     except Exception:  # unsure: the seed's first job trains it while the others wait, as without a cache
         return False
-    finally:
-        GlobalHydra.instance().clear()
 
 
 def run_jobs(jobs: list[Job], workers: int, threads: int, python: str, progress=None,
@@ -35,7 +29,8 @@ def run_jobs(jobs: list[Job], workers: int, threads: int, python: str, progress=
     each job pinned to one device by CUDA_VISIBLE_DEVICES (a freed slot takes the next job, so the
     devices fill round-robin and stay full). Unless the seed's dense reference is cached already,
     the first job of each seed runs before that seed's others start: it trains the dense reference,
-    which the others then read from the cache instead of training it again in parallel. Returns (job, exit code) for the jobs that failed.
+    which the others then read from the cache instead of training it again in parallel. Returns
+    (job, exit code) for the jobs that failed.
     """
     import os
     import queue

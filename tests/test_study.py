@@ -535,11 +535,8 @@ def test_the_runner_leaves_a_seed_of_another_cpu_kind_to_such_a_host(tmp_path):
 def test_a_seed_whose_dense_reference_is_cached_runs_its_jobs_at_once(tmp_path):
     """A seed's first job trains its dense reference while the seed's other jobs wait for it; once the
     reference is in the cache nothing waits. A stand-in for python records how many jobs overlap."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
     from prune_lab.pipeline import dense_key
-    from prune_lab.study import Job
+    from prune_lab.study import Job, compose_train
     from prune_lab.study_runner import dense_cached, run_jobs
 
     fake = tmp_path / "fake_python"
@@ -563,10 +560,7 @@ rm $d/$$
 
     assert not dense_cached(jobs("cold")[0])
     assert overlaps("cold") == [1, 1]  # the second job started after the first had ended
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[*base, "method=magnitude", "budget=0.5"])
-    GlobalHydra.instance().clear()
+    cfg = compose_train([*base, "method=magnitude", "budget=0.5"])
     cached = tmp_path / "dense" / f"resnet_digits_{dense_key(cfg)}"
     cached.mkdir(parents=True)
     (cached / "dense.json").write_text("{}")
